@@ -1,0 +1,150 @@
+"""LoRA: adapter parameters in their own Flax collection, apart from the frozen base.
+
+Design
+- Every linear layer of the decoder is a `LoRADense`. Its frozen kernel lives in the `params`
+  collection; its adapter (`lora_a` [in, r], `lora_b` [r, out]) lives in the `lora` collection.
+  `y = x W + b + scale · dropout(x) A B`, with scale = alpha / r (or alpha / √r with rsLoRA).
+- The adapter path is computed only when the `lora` collection holds this layer's variables, so
+  `apply({'params': base}, …)` is the plain base model (the RL reference: zero adapter delta, no
+  adapter compute, no second model in memory), and layers not in `target_modules` never pay for it.
+- The adapter tree is created by `init_lora` from the base tree's shapes (not by `Module.init`), so
+  trainable vs frozen is plain tree structure: gradients and the optimizer see only `lora`.
+- `merge` folds the adapter into the kernels once per RL step for rollout: fp32 math from the
+  pristine base, cast back to the kernel dtype; the base itself is never modified.
+- Logical axes of `lora_a` / `lora_b` are derived from the base kernel's axes (in-axis of A and
+  out-axis of B follow the kernel; the rank axis is replicated), so sharding stays consistent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA = "lora"  # the adapter collection
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    lora_alpha: float = 32.0
+    target_modules: tuple[str, ...] = LINEAR_NAMES
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be positive, got {self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            tm = (tm,)
+        tm = tuple(tm)
+        if tm in (("all-linear",), ("all_linear",)):
+            tm = LINEAR_NAMES
+        unknown = [t for t in tm if t not in LINEAR_NAMES]
+        if unknown or not tm:
+            raise ValueError(
+                f"lora.target_modules {list(unknown or tm)} match no layer; valid names: "
+                f"{list(LINEAR_NAMES)} or 'all-linear'"
+            )
+        object.__setattr__(self, "target_modules", tm)
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRADense(nn.Module):
+    """Dense layer `x @ kernel (+ bias)` with an optional adapter read from the `lora` collection."""
+
+    features: int
+    kernel_axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.kernel_axes)
+        kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            binit = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:])
+            y = y + self.param("bias", binit, (self.features,), self.param_dtype).astype(self.dtype)
+        if self.has_variable(LORA, "lora_a"):
+            a = self.get_variable(LORA, "lora_a").astype(self.dtype)
+            b = self.get_variable(LORA, "lora_b").astype(self.dtype)
+            h = x
+            if self.lora_dropout > 0.0 and not self.deterministic:
+                h = nn.Dropout(self.lora_dropout)(h, deterministic=False)
+            y = y + (jnp.dot(jnp.dot(h, a), b) * self.lora_scale).astype(self.dtype)
+        return y
+
+
+def _targets(base_params, cfg: LoraConfig) -> dict[tuple[str, ...], tuple[int, int]]:
+    """Path of each targeted layer (without the trailing 'kernel') → kernel shape."""
+    flat = traverse_util.flatten_dict(nn.unbox(base_params))
+    out = {}
+    for path, v in flat.items():
+        if path[-1] == "kernel" and len(path) >= 2 and path[-2] in cfg.target_modules:
+            out[path[:-1]] = v.shape
+    found = {p[-1] for p in out}
+    missing = [t for t in cfg.target_modules if t not in found]
+    if missing:
+        raise ValueError(f"lora.target_modules {missing} match no layer of this model")
+    return out
+
+
+def init_lora(base_params, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32):
+    """A ~ PEFT's kaiming_uniform(a=√5) = U(−1/√in, 1/√in); B = 0. Returns the `lora` tree."""
+    targets = _targets(base_params, cfg)
+    keys = jax.random.split(key, len(targets))
+    flat = {}
+    for k, (path, (d_in, d_out)) in zip(keys, sorted(targets.items())):
+        bound = 1.0 / math.sqrt(d_in)
+        flat[path + ("lora_a",)] = jax.random.uniform(k, (d_in, cfg.r), dtype, -bound, bound)
+        flat[path + ("lora_b",)] = jnp.zeros((cfg.r, d_out), dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def lora_logical_axes(base_axes, lora_params):
+    """PartitionSpec-like logical axes for the adapter, taken from each base kernel's axes."""
+    base_flat = traverse_util.flatten_dict(base_axes, is_leaf=lambda x: isinstance(x, tuple))
+    out = {}
+    for path in traverse_util.flatten_dict(lora_params):
+        k_in, k_out = tuple(base_flat[path[:-1] + ("kernel",)])
+        out[path] = (k_in, "lora_rank") if path[-1] == "lora_a" else ("lora_rank", k_out)
+    return traverse_util.unflatten_dict(out)
+
+
+def merge(base_params, lora_params, scale: float):
+    """W' = cast(W_fp32 + scale · A_fp32 B_fp32) for every adapted kernel; other leaves as is."""
+    base = nn.unbox(base_params)
+    flat = traverse_util.flatten_dict(base)
+    for path, leaves in _adapters(lora_params):
+        w = flat[path + ("kernel",)]
+        delta = jnp.dot(leaves["lora_a"].astype(jnp.float32), leaves["lora_b"].astype(jnp.float32))
+        flat[path + ("kernel",)] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _adapters(lora_params) -> Sequence[tuple[tuple[str, ...], dict]]:
+    flat = traverse_util.flatten_dict(lora_params)
+    paths = sorted({p[:-1] for p in flat})
+    return [(p, {"lora_a": flat[p + ("lora_a",)], "lora_b": flat[p + ("lora_b",)]}) for p in paths]
+
+
+def count_params(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))

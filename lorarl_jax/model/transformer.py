@@ -1,0 +1,271 @@
+"""One decoder for Llama, Qwen2/2.5 and Gemma 3 text, faithful to Hugging Face transformers.
+
+Design
+- Parameter names mirror HF module names (`layers_3/self_attn/q_proj/kernel`), so the name-mapping
+  table in `hf.py` is a transpose and a rename. Kernels are Flax `[in, out]`; q/k/v/o are kept flat
+  (`[D, H·Dh]`) so LoRA sees the same shapes as PEFT does.
+- Every parameter carries logical axis names; `mesh.py` maps them to mesh axes.
+- Family differences are config switches: q/k/v biases (Qwen2), q/k RMSNorm, (1+w) norms, √D
+  embedding scale, sandwich norms around attention and MLP, gelu-tanh, sliding-window layers with
+  their own RoPE base, soft-caps (Gemma 3).
+- One attention path serves training and decoding. The caller gives per-token RoPE `positions` and
+  a key-validity mask; with a KV cache, the T new keys are written at each row's `cache_index` and
+  queries attend to cache slots ≤ their own slot. Left padding is just invalid key slots.
+- The LM head is a separate method (`logits_from_hidden`) so log-probs can be computed a chunk of
+  the sequence at a time without materialising [B, T, V].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lorarl_jax.model.config import ModelConfig, RopeConfig, rope_inv_freq
+from lorarl_jax.model.lora import LoraConfig, LoRADense
+
+NEG_INF = -1e30
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    gemma: bool = False  # Gemma: x̂·(1+w), w initialised at 0; Llama: x̂·w, w at 1
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.gemma else nn.initializers.ones
+        w = self.param(
+            "scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.gemma:
+            return (y * (1.0 + w.astype(jnp.float32))).astype(self.dtype)
+        return w.astype(self.dtype) * y.astype(self.dtype)
+
+
+def apply_rope(x_BxTxHxD, positions_BxT, rope: RopeConfig):
+    """HF rotate-half RoPE: x·cos + rotate_half(x)·sin with angles = position · inv_freq."""
+    d = x_BxTxHxD.shape[-1]
+    inv = rope_inv_freq(rope, d)
+    ang_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv
+    ang = jnp.concatenate([ang_BxTxF, ang_BxTxF], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    x = x_BxTxHxD.astype(jnp.float32)
+    rot = jnp.concatenate([-x[..., d // 2 :], x[..., : d // 2]], axis=-1)
+    return (x * cos + rot * sin).astype(x_BxTxHxD.dtype)
+
+
+def _dense(parent, name, features, axes, bias):
+    """A projection of `parent` (Attention or MLP), adapter-aware if `name` is a LoRA target."""
+    cfg, lo = parent.cfg, parent.lora
+    adapt = lo is not None and name in lo.target_modules
+    return LoRADense(
+        features,
+        axes,
+        use_bias=bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        lora_scale=lo.scale if adapt else 1.0,
+        lora_dropout=lo.lora_dropout if adapt else 0.0,
+        deterministic=parent.deterministic,
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    lora: LoraConfig | None
+    sliding: bool
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, kv_mask_BxS, cache, cache_index_B):
+        cfg = self.cfg
+        B, T, _ = x_BxTxD.shape
+        H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        q = _dense(self, "q_proj", H * Dh, ("embed", "q_heads"), bias)(x_BxTxD)
+        k = _dense(self, "k_proj", K * Dh, ("embed", "kv_heads"), bias)(x_BxTxD)
+        v = _dense(self, "v_proj", K * Dh, ("embed", "kv_heads"), bias)(x_BxTxD)
+        q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
+        if cfg.is_gemma:
+            norm = functools.partial(RMSNorm, cfg.rms_norm_eps, True, cfg.compute_dtype)
+            q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
+        rope = cfg.rope_local if (self.sliding and cfg.rope_local is not None) else cfg.rope
+        q, k = apply_rope(q, positions_BxT, rope), apply_rope(k, positions_BxT, rope)
+
+        if cache is None:  # keys are the T tokens themselves, at slots 0..T-1
+            keys, values, new_cache = k, v, None
+            q_slot_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        else:  # write the T new keys at each row's slot, attend over the whole cache
+            write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0)))
+            keys = write(cache["k"], k.astype(cache["k"].dtype), cache_index_B)
+            values = write(cache["v"], v.astype(cache["v"].dtype), cache_index_B)
+            new_cache = {"k": keys, "v": values}
+            q_slot_BxT = cache_index_B[:, None] + jnp.arange(T)[None, :]
+        S = keys.shape[1]
+        k_slot = jnp.arange(S)[None, None, :]
+        allowed_BxTxS = (k_slot <= q_slot_BxT[..., None]) & kv_mask_BxS[:, None, :].astype(bool)
+        if self.sliding and cfg.sliding_window:
+            allowed_BxTxS &= k_slot > q_slot_BxT[..., None] - cfg.sliding_window
+
+        G = H // K
+        q = q.reshape(B, T, K, G, Dh)
+        s_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
+        s_BxKxGxTxS = s_BxKxGxTxS * cfg.attn_scale
+        if cfg.attn_logit_softcapping:
+            cap = cfg.attn_logit_softcapping
+            s_BxKxGxTxS = jnp.tanh(s_BxKxGxTxS / cap) * cap
+        s_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], s_BxKxGxTxS, NEG_INF)
+        p = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(cfg.compute_dtype)
+        o = jnp.einsum("bkgts,bskd->btkgd", p, values.astype(p.dtype)).reshape(B, T, H * Dh)
+        o_bias = cfg.attention_bias and cfg.model_type == "llama"  # Qwen2: q/k/v bias only
+        out = _dense(self, "o_proj", cfg.hidden_size, ("q_heads", "embed"), o_bias)(o)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    lora: LoraConfig | None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dense = functools.partial(_dense, self)
+        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias)(x)
+        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias)(x)
+        act = jax.nn.gelu(gate, approximate=True) if cfg.is_gemma else jax.nn.silu(gate)
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias)(act * up)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    lora: LoraConfig | None
+    sliding: bool
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions_BxT, kv_mask_BxS, cache, cache_index_B):
+        cfg = self.cfg
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.is_gemma, cfg.compute_dtype)
+        attn = Attention(cfg, self.lora, self.sliding, self.deterministic, name="self_attn")
+        h, new_cache = attn(
+            norm(name="input_layernorm")(x), positions_BxT, kv_mask_BxS, cache, cache_index_B
+        )
+        mlp = MLP(cfg, self.lora, self.deterministic, name="mlp")
+        if cfg.is_gemma:  # sandwich norms
+            x = x + norm(name="post_attention_layernorm")(h)
+            h = mlp(norm(name="pre_feedforward_layernorm")(x))
+            return x + norm(name="post_feedforward_layernorm")(h), new_cache
+        x = x + h
+        return x + mlp(norm(name="post_attention_layernorm")(x)), new_cache
+
+
+class Transformer(nn.Module):
+    """`__call__(tokens, positions, kv_mask, cache=None, cache_index=None)` → (logits|hidden, cache).
+
+    tokens_BxT, positions_BxT: int32. kv_mask_BxS: 1 for valid key slots (S = T without a cache,
+    the cache length with one). cache: list per layer of {'k','v'}: [B, S, K, Dh]. cache_index_B:
+    slot of each row's first new token.
+    """
+
+    cfg: ModelConfig
+    lora: LoraConfig | None = None
+    deterministic: bool = True
+
+    def setup(self):
+        cfg = self.cfg
+        emb_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=emb_init,
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            dtype=cfg.compute_dtype,
+        )
+        block = nn.remat(Block) if cfg.remat else Block
+        self.layers = [
+            block(cfg, self.lora, cfg.layer_is_sliding(i), self.deterministic, name=f"layers_{i}")
+            for i in range(cfg.num_layers)
+        ]
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.is_gemma, cfg.compute_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = LoRADense(
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                dtype=cfg.compute_dtype,
+                param_dtype=jnp.dtype(cfg.param_dtype),
+            )
+
+    def __call__(
+        self,
+        tokens_BxT,
+        positions_BxT,
+        kv_mask_BxS,
+        cache=None,
+        cache_index_B=None,
+        return_hidden: bool = False,
+    ):
+        cfg = self.cfg
+        x = self.embed_tokens(tokens_BxT)
+        if cfg.is_gemma:
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.compute_dtype)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(
+                x,
+                positions_BxT,
+                kv_mask_BxS,
+                None if cache is None else cache[i],
+                cache_index_B,
+            )
+            new_cache.append(c)
+        h = self.norm(x)
+        out = h if return_hidden else self.logits_from_hidden(h)
+        return out, (None if cache is None else new_cache)
+
+    def logits_from_hidden(self, h_BxTxD):
+        """fp32 logits of final-normed hidden states (tied or separate head, optional soft-cap)."""
+        if self.cfg.tie_word_embeddings:
+            logits = self.embed_tokens.attend(h_BxTxD)
+        else:
+            logits = self.lm_head(h_BxTxD)
+        logits = logits.astype(jnp.float32)
+        if self.cfg.final_logit_softcapping:
+            cap = self.cfg.final_logit_softcapping
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+    """Zeroed KV cache: a list per layer of {'k','v'}: [B, S, K, Dh]."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return [
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
+    ]
+
+
+def positions_from_mask(mask_BxT):
+    """RoPE positions of a left-padded batch: cumsum(mask) − 1, 0 on padding."""
+    return jnp.maximum(jnp.cumsum(mask_BxT, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def abstract_params(cfg: ModelConfig):
+    """Boxed (logically partitioned) parameter shapes, without allocating anything."""
+    model = Transformer(cfg)
+    tok = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), tok, tok, tok))["params"]
+
+
+def init_params(cfg: ModelConfig, key: jax.Array):
+    """Random base params (for tests and tiny demos), unboxed."""
+    tok = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(Transformer(cfg).init(key, tok, tok, tok)["params"])

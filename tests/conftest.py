@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny random HF models (built with transformers + torch CPU) saved to disk."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+TINY = {
+    "llama": dict(
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    ),
+    "llama3_rope": dict(
+        model_type="llama",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        ),
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        query_pre_attn_scalar=32,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_theta=1000000.0,
+        rope_local_base_freq=10000.0,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def build_hf_model(kind: str, seed: int = 0):
+    """A tiny random transformers model (fp32, eval mode) with non-trivial norms and biases."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(TINY[kind])
+    model_type = kw.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # random norm weights and biases so a wrong formula shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if "gemma" in model_type else 1.0))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """kind → directory holding a saved tiny HF model (config.json + model.safetensors)."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            d = tmp_path_factory.mktemp(f"hf_{kind}")
+            build_hf_model(kind).save_pretrained(d, safe_serialization=True)
+            cache[kind] = str(d)
+        return cache[kind]
+
+    return get
+
+
+def left_padded_batch(vocab: int, lengths, T: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((len(lengths), T), np.int32)
+    mask = np.zeros((len(lengths), T), np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, T - n :] = rng.integers(1, vocab, n)
+        mask[b, T - n :] = 1
+    return tokens, mask
