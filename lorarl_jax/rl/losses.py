@@ -1,0 +1,207 @@
+"""PPO-family losses as pure array functions: clipped / dual-clip policy loss, KL estimators,
+value loss, loss aggregation modes, and the host-side KL controllers for KL-in-reward.
+
+Design: each function reproduces its counterpart in verl's `verl/trainer/ppo/core_algos.py`
+(`compute_policy_loss_vanilla`, `agg_loss`, `kl_penalty`, `compute_value_loss`, the KL
+controllers) and `ray_trainer.apply_kl_penalty`, so verl recipes transfer unchanged. Losses
+return `(scalar, metrics)` with metrics as a flat dict of scalars; string options are Python
+values resolved at trace time, so every function jits with them held static. The train step
+combines the pieces (verl's dp_actor):
+
+    loss = pg_loss - entropy_coeff * entropy_bonus + kl_loss_coef * kl_loss
+
+Inputs are token matrices `[B, T]` over response tokens; `mask_BxT` is 1 on response tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorarl_jax.rl.advantages import masked_mean, masked_sum
+
+Array = jax.Array
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+
+
+def agg_loss(
+    loss_mat_BxT: Array,
+    mask_BxT: Array,
+    loss_agg_mode: str = "token-mean",
+    norm_constant: float | None = None,
+) -> Array:
+    """Aggregate a token loss matrix into a scalar (verl's agg_loss); L = loss, m = mask.
+
+    token-mean:              sum(L*m) / sum(m)
+    seq-mean-token-sum:      mean_b sum_t L*m
+    seq-mean-token-mean:     mean_b [sum_t L*m / sum_t m]   over rows with sum_t m > 0
+    seq-mean-token-sum-norm: sum(L*m) / C,  C = norm_constant or T (Dr.GRPO's constant)
+    """
+    if loss_agg_mode == "token-mean":
+        return masked_mean(loss_mat_BxT, mask_BxT)
+    seq_sum_B = masked_sum(loss_mat_BxT, mask_BxT, axis=-1)
+    if loss_agg_mode == "seq-mean-token-sum":
+        return jnp.mean(seq_sum_B)
+    if loss_agg_mode == "seq-mean-token-mean":
+        tokens_B = jnp.sum(mask_BxT.astype(loss_mat_BxT.dtype), axis=-1)
+        # Fully masked rows would be 0/0; they are left out of the sequence mean (as verl does).
+        return masked_mean(seq_sum_B / (tokens_B + 1e-8), tokens_B > 0)
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        norm = loss_mat_BxT.shape[-1] if norm_constant is None else norm_constant
+        return jnp.sum(seq_sum_B) / norm
+    raise ValueError(f"invalid loss_agg_mode {loss_agg_mode!r}; valid: {list(AGG_MODES)}")
+
+
+def policy_loss(
+    logp_BxT: Array,
+    old_logp_BxT: Array,
+    adv_BxT: Array,
+    mask_BxT: Array,
+    *,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    clip_ratio_c: float = 3.0,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[Array, dict[str, Array]]:
+    """Clipped PPO surrogate with dual clip (verl's compute_policy_loss_vanilla).
+
+    d = clip(logp - old_logp, -20, 20);  r = exp(d)
+    L1 = -A*r;  L2 = -A*clip(r, 1-eps_low, 1+eps_high);  Lc = max(L1, L2)
+    L3 = -A*c;  L = min(L3, Lc) where A < 0 else Lc          (dual clip, c > 1)
+    loss = agg_loss(L, mask, loss_agg_mode)
+    metrics: pg_clipfrac = mean_m[L2 > L1], pg_clipfrac_lower = mean_m[Lc > L3 and A < 0],
+             ppo_kl = mean_m[-d].
+    """
+    if not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c (dual-clip lower bound) must be > 1.0, got {clip_ratio_c}")
+    neg_kl_BxT = jnp.clip(logp_BxT - old_logp_BxT, -20.0, 20.0)
+    ratio_BxT = jnp.exp(neg_kl_BxT)
+    pg1_BxT = -adv_BxT * ratio_BxT
+    pg2_BxT = -adv_BxT * jnp.clip(ratio_BxT, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    clip1_BxT = jnp.maximum(pg1_BxT, pg2_BxT)
+    pg3_BxT = -adv_BxT * clip_ratio_c
+    clip2_BxT = jnp.minimum(pg3_BxT, clip1_BxT)
+    negative_BxT = adv_BxT < 0
+    losses_BxT = jnp.where(negative_BxT, clip2_BxT, clip1_BxT)
+    dtype = losses_BxT.dtype
+    metrics = {
+        "pg_clipfrac": masked_mean((pg2_BxT > pg1_BxT).astype(dtype), mask_BxT),
+        "pg_clipfrac_lower": masked_mean(
+            ((clip1_BxT > pg3_BxT) & negative_BxT).astype(dtype), mask_BxT
+        ),
+        "ppo_kl": masked_mean(-neg_kl_BxT, mask_BxT),
+    }
+    return agg_loss(losses_BxT, mask_BxT, loss_agg_mode), metrics
+
+
+def kl_penalty(logp_BxT: Array, ref_logp_BxT: Array, kl_type: str) -> Array:
+    """Per-token KL estimate of pi vs pi_ref (Schulman's k1/k2/k3), verl's kl_penalty.
+
+    d = logp - ref_logp
+    kl / k1:          d
+    abs:              |d|
+    mse / k2:         d^2 / 2
+    low_var_kl / k3:  clip(exp(u) - u - 1, -10, 10) with u = clip(-d, -20, 20)
+    """
+    if kl_type in ("kl", "k1"):
+        return logp_BxT - ref_logp_BxT
+    if kl_type == "abs":
+        return jnp.abs(logp_BxT - ref_logp_BxT)
+    if kl_type in ("mse", "k2"):
+        return 0.5 * jnp.square(logp_BxT - ref_logp_BxT)
+    if kl_type in ("low_var_kl", "k3"):
+        u_BxT = jnp.clip(ref_logp_BxT - logp_BxT, -20.0, 20.0)
+        return jnp.clip(jnp.exp(u_BxT) - u_BxT - 1.0, -10.0, 10.0)
+    raise ValueError(f"unknown kl_type {kl_type!r}; valid: {list(KL_TYPES)}")
+
+
+def kl_loss(
+    logp_BxT: Array,
+    ref_logp_BxT: Array,
+    mask_BxT: Array,
+    kl_type: str = "low_var_kl",
+    loss_agg_mode: str = "token-mean",
+) -> Array:
+    """KL-in-loss term (use_kl_loss): agg_loss(kl_penalty(logp, ref_logp, kl_type), mask)."""
+    return agg_loss(kl_penalty(logp_BxT, ref_logp_BxT, kl_type), mask_BxT, loss_agg_mode)
+
+
+def entropy_bonus(entropy_BxT: Array, mask_BxT: Array, loss_agg_mode: str = "token-mean") -> Array:
+    """agg_loss(entropy, mask, loss_agg_mode); the step subtracts entropy_coeff times this."""
+    return agg_loss(entropy_BxT, mask_BxT, loss_agg_mode)
+
+
+def value_loss(
+    values_BxT: Array,
+    old_values_BxT: Array,
+    returns_BxT: Array,
+    mask_BxT: Array,
+    cliprange_value: float,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[Array, dict[str, Array]]:
+    """Clipped value loss (verl's compute_value_loss).
+
+    v_c = clip(v, v_old - eps, v_old + eps)
+    loss = 0.5 * agg_loss(max((v - R)^2, (v_c - R)^2), mask)
+    metrics: vf_clipfrac = mean_m[(v_c - R)^2 > (v - R)^2].
+    """
+    clipped_BxT = jnp.clip(
+        values_BxT, old_values_BxT - cliprange_value, old_values_BxT + cliprange_value
+    )
+    loss1_BxT = jnp.square(values_BxT - returns_BxT)
+    loss2_BxT = jnp.square(clipped_BxT - returns_BxT)
+    loss = 0.5 * agg_loss(jnp.maximum(loss1_BxT, loss2_BxT), mask_BxT, loss_agg_mode)
+    clipfrac = masked_mean((loss2_BxT > loss1_BxT).astype(loss1_BxT.dtype), mask_BxT)
+    return loss, {"vf_clipfrac": clipfrac}
+
+
+def apply_kl_penalty(
+    token_scores_BxT: Array,
+    logp_BxT: Array,
+    ref_logp_BxT: Array,
+    mask_BxT: Array,
+    kl_coef: float | Array,
+    kl_type: str = "kl",
+) -> tuple[Array, Array]:
+    """KL-in-reward (verl's ray_trainer.apply_kl_penalty); logp is the rollout (old) policy.
+
+    kl = kl_penalty(logp, ref_logp) * m;  rewards = scores - beta * kl
+    current_kl = mean_b [ sum_t kl*m / sum_t m ]
+    The trainer then calls kl_ctrl.update(current_kl, n_steps=batch_size).
+    """
+    mask_BxT = mask_BxT.astype(token_scores_BxT.dtype)
+    kl_BxT = kl_penalty(logp_BxT, ref_logp_BxT, kl_type) * mask_BxT
+    rewards_BxT = token_scores_BxT - kl_coef * kl_BxT
+    current_kl = jnp.mean(masked_mean(kl_BxT, mask_BxT, axis=-1))
+    return rewards_BxT, current_kl
+
+
+class FixedKLController:
+    """Constant KL coefficient; `.value` is beta, `.update` is a no-op."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        del current_kl, n_steps
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593).
+
+    e = clip(current_kl / target_kl - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
+    """
+
+    def __init__(self, init_kl_coef: float, target_kl: float, horizon: int):
+        if horizon <= 0:
+            raise ValueError(f"horizon must be > 0, got {horizon}")
+        self.value = init_kl_coef
+        self.target = target_kl
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = float(np.clip(float(current_kl) / self.target - 1.0, -0.2, 0.2))
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
