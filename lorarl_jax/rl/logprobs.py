@@ -1,0 +1,82 @@
+"""Per-token log-probs and entropy of responses, one sequence chunk of the LM head at a time.
+
+The training sequence is `prompt ‖ response` ([B, P + N]); the log-prob of response token t comes
+from the hidden state at position P + t − 1. The decoder runs once to get hidden states; the LM
+head, log-softmax and entropy then run over chunks of C response positions inside a `lax.scan`
+whose body is rematerialised, so neither the forward nor the backward pass ever holds more than
+one [B, C, V] slice of logits (V is 49k–262k for the supported families).
+
+    logp_t = log softmax(z_t / τ)[y_t],   H_t = logsumexp(z/τ) − Σ_v softmax(z/τ)_v · z_v/τ
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lorarl_jax.model.config import ModelConfig
+from lorarl_jax.model.lora import LoraConfig
+from lorarl_jax.model.transformer import Transformer, positions_from_mask
+
+
+def response_hidden(cfg, lcfg, base, lora, tokens_BxL, mask_BxL, n_resp, dropout_key=None):
+    """Final-normed hidden states that predict each response token: [B, N, D]."""
+    deterministic = dropout_key is None
+    model = Transformer(cfg, lcfg if lora is not None else None, deterministic=deterministic)
+    variables = {"params": base} if lora is None else {"params": base, "lora": lora}
+    rngs = None if deterministic else {"dropout": dropout_key}
+    h, _ = model.apply(
+        variables,
+        tokens_BxL,
+        positions_from_mask(mask_BxL),
+        mask_BxL,
+        return_hidden=True,
+        rngs=rngs,
+    )
+    L = tokens_BxL.shape[1]
+    return h[:, L - n_resp - 1 : L - 1]
+
+
+def chunked_logprobs(cfg: ModelConfig, base, h_BxNxD, targets_BxN, temperature=1.0, chunk=64):
+    """(logp_BxN, entropy_BxN) of `targets` under softmax(lm_head(h) / τ), C positions at a time."""
+    B, N, D = h_BxNxD.shape
+    C = max(1, min(chunk, N))
+    pad = (-N) % C
+    h = jnp.pad(h_BxNxD, ((0, 0), (0, pad), (0, 0)))
+    y = jnp.pad(targets_BxN, ((0, 0), (0, pad)))
+    n_chunks = (N + pad) // C
+    h_KxBxCxD = h.reshape(B, n_chunks, C, D).swapaxes(0, 1)
+    y_KxBxC = y.reshape(B, n_chunks, C).swapaxes(0, 1)
+    model = Transformer(cfg)
+
+    @jax.checkpoint
+    def one(h_BxCxD, y_BxC):
+        z = model.apply({"params": base}, h_BxCxD, method=Transformer.logits_from_hidden)
+        z = z / temperature
+        lse = jax.nn.logsumexp(z, axis=-1)
+        logp = jnp.take_along_axis(z, y_BxC[..., None], axis=-1)[..., 0] - lse
+        ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
+        return logp, ent
+
+    _, (logp, ent) = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (h_KxBxCxD, y_KxBxC))
+    logp = logp.swapaxes(0, 1).reshape(B, N + pad)[:, :N]
+    ent = ent.swapaxes(0, 1).reshape(B, N + pad)[:, :N]
+    return logp, ent
+
+
+def token_logprobs(
+    cfg: ModelConfig,
+    lcfg: LoraConfig | None,
+    base,
+    lora,
+    tokens_BxL,
+    mask_BxL,
+    n_resp: int,
+    temperature: float = 1.0,
+    chunk: int = 64,
+    dropout_key=None,
+):
+    """Log-probs and entropy of the last `n_resp` tokens. `lora=None` is the reference model."""
+    h = response_hidden(cfg, lcfg, base, lora, tokens_BxL, mask_BxL, n_resp, dropout_key)
+    targets = tokens_BxL[:, -n_resp:]
+    return chunked_logprobs(cfg, base, h, targets, temperature, chunk)

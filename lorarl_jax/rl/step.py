@@ -1,0 +1,158 @@
+"""The jitted policy update: gradients w.r.t. the adapter subtree only, masked optax optimizer.
+
+`make_policy_step` builds one function `step(lora, opt_state, base, batch, key)`:
+- `jax.value_and_grad` is taken w.r.t. `lora` alone; `base` is a plain (non-differentiated)
+  argument, so no base-sized gradient is ever materialised.
+- The optimizer (`make_optimizer`) is built over the adapter tree: AdamW with warmup + constant or
+  cosine schedule, global-norm clipping, and an `optax.masked` wrapper whose mask marks the adapter
+  leaves (the `lora_a` / `lora_b` leaves) as trainable, so state is 2 × adapter size + counters.
+- The batch is split into micro-batches accumulated with `lax.scan` (mean of micro-batch grads).
+- A non-finite loss or gradient skips the update (params and optimizer state unchanged) and is
+  reported as `actor/skipped`.
+
+Loss (verl): L = pg_loss(ratio clip, dual clip) + kl_loss_coef · KL(π‖π_ref) − entropy_coeff · H.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lorarl_jax.config import AlgoCfg, OptimCfg
+from lorarl_jax.model.config import ModelConfig
+from lorarl_jax.model.lora import LoraConfig
+from lorarl_jax.rl import losses
+from lorarl_jax.rl.logprobs import token_logprobs
+
+
+def lr_schedule(cfg: OptimCfg, total_steps: int):
+    warm = max(cfg.warmup_steps, 0)
+    if cfg.schedule == "cosine":
+        decay = max(total_steps - warm, 1)
+        main = optax.cosine_decay_schedule(cfg.lr, decay, alpha=cfg.min_lr_ratio)
+    else:
+        main = optax.constant_schedule(cfg.lr)
+    if warm == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), main], [warm])
+
+
+def trainable_mask(tree):
+    """True on adapter leaves (`lora_a`/`lora_b`), False elsewhere."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: getattr(p[-1], "key", None) in ("lora_a", "lora_b"), tree
+    )
+
+
+def make_optimizer(cfg: OptimCfg, total_steps: int) -> optax.GradientTransformation:
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+        optax.adamw(
+            lr_schedule(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay
+        ),
+    )
+    return optax.masked(tx, trainable_mask)
+
+
+def policy_loss_fn(lora, base, mb, key, *, cfg, lcfg, algo: AlgoCfg, temperature: float):
+    """Loss and metrics of one micro-batch (a dict of [b, ·] arrays)."""
+    N = mb["response_mask"].shape[1]
+    use_dropout = lcfg.lora_dropout > 0
+    logp, ent = token_logprobs(
+        cfg,
+        lcfg,
+        base,
+        lora,
+        mb["tokens"],
+        mb["attention_mask"],
+        N,
+        temperature,
+        algo.logprob_chunk,
+        dropout_key=key if use_dropout else None,
+    )
+    mask = mb["response_mask"]
+    pg, m = losses.policy_loss(
+        logp,
+        mb["old_logp"],
+        mb["advantages"],
+        mask,
+        clip_ratio_low=algo.clip_ratio_low,
+        clip_ratio_high=algo.clip_ratio_high,
+        clip_ratio_c=algo.clip_ratio_c,
+        loss_agg_mode=algo.loss_agg_mode,
+    )
+    loss = pg
+    metrics = {"actor/pg_loss": pg, **{f"actor/{k}": v for k, v in m.items()}}
+    if algo.use_kl_loss:
+        kl = losses.kl_loss(logp, mb["ref_logp"], mask, algo.kl_loss_type, algo.loss_agg_mode)
+        loss = loss + algo.kl_loss_coef * kl
+        metrics["actor/kl_loss"] = kl
+    ent_mean = losses.entropy_bonus(ent, mask, algo.loss_agg_mode)
+    if algo.entropy_coeff:
+        loss = loss - algo.entropy_coeff * ent_mean
+    metrics["actor/entropy"] = ent_mean
+    return loss, metrics
+
+
+def _split_micro(batch, n_micro: int):
+    return jax.tree.map(lambda x: x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:]), batch)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_policy_step(
+    cfg: ModelConfig,
+    lcfg: LoraConfig,
+    algo: AlgoCfg,
+    tx: optax.GradientTransformation,
+    temperature: float,
+    n_micro: int = 1,
+):
+    """Returns jitted `step(lora, opt_state, base, batch, key) → (lora, opt_state, metrics)`."""
+    loss_fn = functools.partial(
+        policy_loss_fn, cfg=cfg, lcfg=lcfg, algo=algo, temperature=temperature
+    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(lora, opt_state, base, batch, key):
+        micro = _split_micro(batch, n_micro)
+        keys = jax.random.split(key, n_micro)
+
+        def acc(carry, xs):
+            mb, k = xs
+            (loss, metrics), g = grad_fn(lora, base, mb, k)
+            carry = jax.tree.map(lambda a, b: a + b / n_micro, carry, g)
+            return carry, (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, lora)
+        grads, (loss_M, metrics_M) = jax.lax.scan(acc, zeros, (micro, keys))
+        loss = loss_M.mean()
+        ok = _all_finite(grads) & jnp.isfinite(loss)
+        updates, new_opt = tx.update(grads, opt_state, lora)
+        new_lora = optax.apply_updates(lora, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        metrics = {k: v.mean() for k, v in metrics_M.items()}
+        metrics.update(
+            {
+                "actor/loss": loss,
+                "actor/grad_norm": optax.tree.norm(grads),
+                "actor/skipped": (~ok).astype(jnp.float32),
+            }
+        )
+        return keep(new_lora, lora), keep(new_opt, opt_state), metrics
+
+    return step
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "n_resp", "temperature", "chunk"))
+def compute_logprobs(cfg, lcfg, base, lora, tokens, attention_mask, *, n_resp, temperature, chunk):
+    """Jitted no-grad log-probs + entropy (old policy with `lora`, reference with `lora=None`)."""
+    return token_logprobs(
+        cfg, lcfg, base, lora, tokens, attention_mask, n_resp, temperature, chunk
+    )

@@ -1,0 +1,135 @@
+"""Train step: adapter-only gradients, masked optimizer, micro-batching, skip on non-finite."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import left_padded_batch
+
+from lorarl_jax.config import AlgoCfg, OptimCfg
+from lorarl_jax.model.hf import load_hf_model
+from lorarl_jax.model.lora import LoraConfig, count_params, init_lora
+from lorarl_jax.model.transformer import Transformer, positions_from_mask
+from lorarl_jax.rl import step as S
+from lorarl_jax.rl.logprobs import token_logprobs
+
+P, N = 6, 5
+
+
+def _batch(vocab=128, B=4, seed=0):
+    rng = np.random.default_rng(seed)
+    ptok, pmask = left_padded_batch(vocab, [6, 3, 4, 6][:B], P, seed=seed)
+    resp = rng.integers(1, vocab, (B, N)).astype(np.int32)
+    rmask = np.ones((B, N), np.int32)
+    rmask[1, 3:] = 0
+    return {
+        "tokens": jnp.asarray(np.concatenate([ptok, resp], 1)),
+        "attention_mask": jnp.asarray(np.concatenate([pmask, rmask], 1)),
+        "response_mask": jnp.asarray(rmask),
+        "advantages": jnp.asarray(np.repeat(rng.normal(size=(B, 1)), N, 1), jnp.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(hf_dir):
+    cfg, base = load_hf_model(hf_dir("llama"))
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
+    lora = init_lora(base, lcfg, jax.random.key(0))
+    return cfg, base, lcfg, lora
+
+
+def test_token_logprobs_match_full_forward_and_chunking(setup):
+    cfg, base, lcfg, lora = setup
+    lora = jax.tree.map(lambda x: x + 0.05, lora)  # non-zero B
+    b = _batch()
+    logits, _ = Transformer(cfg, lcfg).apply(
+        {"params": base, "lora": lora},
+        b["tokens"],
+        positions_from_mask(b["attention_mask"]),
+        b["attention_mask"],
+    )
+    lp_full = jax.nn.log_softmax(logits[:, P - 1 : -1] / 0.8, -1)
+    ref = jnp.take_along_axis(lp_full, b["tokens"][:, P:, None], -1)[..., 0]
+    ent_ref = -(jnp.exp(lp_full) * lp_full).sum(-1)
+    for chunk in (1, 2, 5, 64):
+        lp, ent = token_logprobs(
+            cfg, lcfg, base, lora, b["tokens"], b["attention_mask"], N, 0.8, chunk
+        )
+        np.testing.assert_allclose(lp, ref, atol=1e-5)
+        np.testing.assert_allclose(ent, ent_ref, atol=1e-4)
+    ref_lp, _ = token_logprobs(cfg, None, base, None, b["tokens"], b["attention_mask"], N)
+    assert np.abs(np.asarray(ref_lp) - np.asarray(ref)).max() > 1e-3  # adapter matters
+
+
+def _train(setup, steps, algo=None, optim=None, n_micro=1):
+    cfg, base, lcfg, lora = setup
+    algo = algo or AlgoCfg(use_kl_loss=True, kl_loss_coef=0.01)
+    tx = S.make_optimizer(optim or OptimCfg(lr=5e-3, grad_clip=1.0), 100)
+    b = _batch()
+    old, _ = S.compute_logprobs(
+        cfg, lcfg, base, lora, b["tokens"], b["attention_mask"], n_resp=N, temperature=1.0, chunk=4
+    )
+    b = dict(b, old_logp=old, ref_logp=old)
+    step = S.make_policy_step(cfg, lcfg, algo, tx, 1.0, n_micro)
+    lora = jax.tree.map(jnp.copy, lora)
+    opt = tx.init(lora)
+    hist = []
+    for i in range(steps):
+        lora, opt, m = step(lora, opt, base, b, jax.random.key(i))
+        hist.append({k: float(v) for k, v in m.items()})
+    return lora, opt, hist, b
+
+
+def test_steps_reduce_loss_and_leave_base_untouched(setup):
+    cfg, base, lcfg, lora0 = setup
+    before = jax.tree.map(lambda x: np.asarray(x).copy(), base)
+    lora, opt, hist, _ = _train(setup, 6)
+    assert hist[-1]["actor/loss"] < hist[0]["actor/loss"] - 1e-3
+    assert all(h["actor/skipped"] == 0 for h in hist)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), base, before)
+    assert float(jnp.abs(lora["layers_0"]["self_attn"]["q_proj"]["lora_b"]).max()) > 0
+
+
+def test_optimizer_state_is_two_adapters_plus_counters(setup):
+    _, _, _, lora = setup
+    tx = S.make_optimizer(OptimCfg(), 10)
+    state = tx.init(lora)
+    n_adapter = count_params(lora)
+    n_state = count_params(state)
+    counters = n_state - 2 * n_adapter
+    assert 0 < counters <= 4, (n_state, n_adapter)
+
+
+def test_micro_batches_match_full_batch(setup):
+    algo = AlgoCfg(loss_agg_mode="seq-mean-token-mean", use_kl_loss=False)
+    optim = OptimCfg(lr=1e-3, grad_clip=0.0)
+    a, _, ha, _ = _train(setup, 1, algo, optim, n_micro=1)
+    b, _, hb, _ = _train(setup, 1, algo, optim, n_micro=2)
+    assert abs(ha[0]["actor/grad_norm"] - hb[0]["actor/grad_norm"]) < 1e-5
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+
+
+def test_non_finite_gradient_skips_update(setup):
+    cfg, base, lcfg, lora = setup
+    tx = S.make_optimizer(OptimCfg(lr=1e-2), 10)
+    b = _batch()
+    b = dict(b, old_logp=jnp.zeros_like(b["advantages"]), ref_logp=jnp.zeros_like(b["advantages"]))
+    b["advantages"] = b["advantages"].at[0, 0].set(jnp.nan)
+    step = S.make_policy_step(cfg, lcfg, AlgoCfg(), tx, 1.0)
+    l0 = jax.tree.map(jnp.copy, lora)
+    opt = tx.init(l0)
+    l1, opt1, m = step(jax.tree.map(jnp.copy, lora), opt, base, b, jax.random.key(0))
+    assert float(m["actor/skipped"]) == 1.0
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), l1, lora)
+
+
+def test_lr_schedule_warmup_and_cosine():
+    f = S.lr_schedule(OptimCfg(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1), 14)
+    assert float(f(0)) == 0.0 and abs(float(f(2)) - 0.5) < 1e-6 and abs(float(f(4)) - 1.0) < 1e-6
+    assert abs(float(f(9)) - (0.1 + 0.9 * 0.5)) < 1e-6  # halfway through the cosine
+    assert abs(float(f(14)) - 0.1) < 1e-6
+    g = S.lr_schedule(dataclasses.replace(OptimCfg(lr=0.3)), 10)
+    assert float(g(0)) == pytest.approx(0.3)
