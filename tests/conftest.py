@@ -121,3 +121,70 @@ def left_padded_batch(vocab: int, lengths, T: int, seed: int = 0):
         tokens[b, T - n :] = rng.integers(1, vocab, n)
         mask[b, T - n :] = 1
     return tokens, mask
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WORDS = (
+    "yes no what is the answer give final after #### + - * ? . , = a an of to and in "
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20"
+).split()
+
+
+def make_tiny_tokenizer():
+    """A word-level tokenizer with a chat template, built offline (no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    hf.add_special_tokens({"additional_special_tokens": specials[3:]})
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def save_tiny_model_dir(path, seed: int = 0, vocab_pad: int = 64):
+    """A tiny Llama + tokenizer + generation config: a complete model dir for trainer tests."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = make_tiny_tokenizer()
+    assert len(tok) <= vocab_pad
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=vocab_pad,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    with open(f"{path}/generation_config.json", "w") as f:
+        json.dump({"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}, f)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))

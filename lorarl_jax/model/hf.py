@@ -223,15 +223,14 @@ def load_peft_adapter(adapter_dir: str, dtype=np.float32):
     with open(cfg_path) as f:
         c = json.load(f)
     if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora"):
-        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported")
-    tm = c["target_modules"]
-    lcfg = LoraConfig(
-        r=int(c["r"]),
-        lora_alpha=float(c["lora_alpha"]),
-        target_modules=tuple(tm) if isinstance(tm, list) else tm,
-        lora_dropout=float(c.get("lora_dropout", 0.0)),
-        use_rslora=bool(c.get("use_rslora", False)),
-    )
+        raise ValueError(f"{cfg_path}: only plain LoRA adapters are supported (use_dora is not)")
+    # Options that would change the math silently if ignored. (`layers_to_transform` needs no
+    # support: only the layers present in the file get an adapter.)
+    unsupported = [k for k in ("rank_pattern", "alpha_pattern") if c.get(k)]
+    unsupported += ["bias"] if c.get("bias", "none") != "none" else []
+    if unsupported:
+        raise ValueError(f"{cfg_path}: unsupported LoRA options {unsupported}")
+    r = int(c["r"])
     tensors = read_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors"))
     pat = re.compile(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight$")
     flat = {}
@@ -240,6 +239,20 @@ def load_peft_adapter(adapter_dir: str, dtype=np.float32):
         hit = hf_to_path(m.group(1) + ".weight") if m else None
         if hit is None:
             raise ValueError(f"{adapter_dir}: unexpected adapter tensor {name}")
-        leaf = "lora_a" if m.group(2) == "lora_A" else "lora_b"
+        which = m.group(2)
+        if arr.shape[0 if which == "lora_A" else 1] != r:
+            raise ValueError(f"{adapter_dir}: {name} has shape {arr.shape}, but r = {r}")
+        leaf = "lora_a" if which == "lora_A" else "lora_b"
         flat[hit[0][:-1] + (leaf,)] = np.asarray(arr, dtype=dtype).T
+    if not flat:
+        raise ValueError(f"{adapter_dir}: no LoRA tensors in adapter_model.safetensors")
+    # PEFT may store target_modules as names, full module paths (its "all-linear" expansion) or a
+    # regex; the tensors say which layers are adapted, so the names come from them.
+    lcfg = LoraConfig(
+        r=r,
+        lora_alpha=float(c["lora_alpha"]),
+        target_modules=tuple(sorted({p[-2] for p in flat})),
+        lora_dropout=float(c.get("lora_dropout", 0.0)),
+        use_rslora=bool(c.get("use_rslora", False)),
+    )
     return traverse_util.unflatten_dict(flat), lcfg

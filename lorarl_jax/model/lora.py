@@ -55,7 +55,8 @@ class LoraConfig:
                 f"lora.target_modules {list(unknown or tm)} match no layer; valid names: "
                 f"{list(LINEAR_NAMES)} or 'all-linear'"
             )
-        object.__setattr__(self, "target_modules", tm)
+        # Canonical order, no duplicates: configs that name the same layers compare equal.
+        object.__setattr__(self, "target_modules", tuple(n for n in LINEAR_NAMES if n in tm))
 
     @property
     def scale(self) -> float:
@@ -63,7 +64,7 @@ class LoraConfig:
 
 
 class LoRADense(nn.Module):
-    """Dense layer `x @ kernel (+ bias)` with an optional adapter read from the `lora` collection."""
+    """Dense `x @ kernel (+ bias)` with an optional adapter read from the `lora` collection."""
 
     features: int
     kernel_axes: tuple[str, str]
@@ -112,7 +113,7 @@ def init_lora(base_params, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32):
     targets = _targets(base_params, cfg)
     keys = jax.random.split(key, len(targets))
     flat = {}
-    for k, (path, (d_in, d_out)) in zip(keys, sorted(targets.items())):
+    for k, (path, (d_in, d_out)) in zip(keys, sorted(targets.items()), strict=True):
         bound = 1.0 / math.sqrt(d_in)
         flat[path + ("lora_a",)] = jax.random.uniform(k, (d_in, cfg.r), dtype, -bound, bound)
         flat[path + ("lora_b",)] = jnp.zeros((cfg.r, d_out), dtype)
@@ -121,7 +122,7 @@ def init_lora(base_params, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32):
 
 def lora_logical_axes(base_axes, lora_params):
     """PartitionSpec-like logical axes for the adapter, taken from each base kernel's axes."""
-    base_flat = traverse_util.flatten_dict(base_axes, is_leaf=lambda x: isinstance(x, tuple))
+    base_flat = traverse_util.flatten_dict(base_axes)  # axis tuples are non-dict leaves
     out = {}
     for path in traverse_util.flatten_dict(lora_params):
         k_in, k_out = tuple(base_flat[path[:-1] + ("kernel",)])

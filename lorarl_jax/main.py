@@ -1,0 +1,39 @@
+"""`python -m lorarl_jax.main --config configs/<x>.py [--config.group.key=value ...]`.
+
+Short on purpose: parse the ml_collections config, validate it into frozen dataclasses, train.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lorarl_jax.config import from_config_dict
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from lorarl_jax.rl.trainer import train
+
+    summary = train(from_config_dict(_CONFIG.value))
+    print(json.dumps({k: v for k, v in summary.items() if k.startswith(("val_", "adapter", "curves"))}, indent=1, default=str))
+
+
+def run():
+    flags.mark_flag_as_required("config")
+    try:
+        app.run(main)
+    except (ValueError, FileNotFoundError, KeyError, AttributeError) as e:
+        # config and input errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

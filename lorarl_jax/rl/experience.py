@@ -1,0 +1,47 @@
+"""Turning a rollout into training arrays: sequences, outcome rewards, mini-batches.
+
+Shapes: B prompts, n generations each, R = B·n rows (row i·n + j is generation j of prompt i),
+P prompt length (left-padded), N response length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def build_sequences(prompt_ids_BxP, prompt_mask_BxP, resp_RxN, resp_mask_RxN, n: int):
+    """prompt ‖ response for every row → (tokens_RxL, attention_mask_RxL), L = P + N."""
+    p_ids = np.repeat(np.asarray(prompt_ids_BxP), n, axis=0)
+    p_mask = np.repeat(np.asarray(prompt_mask_BxP), n, axis=0)
+    tokens = np.concatenate([p_ids, np.asarray(resp_RxN)], axis=1).astype(np.int32)
+    mask = np.concatenate([p_mask, np.asarray(resp_mask_RxN)], axis=1).astype(np.int32)
+    return tokens, mask
+
+
+def outcome_token_scores(scores_R, resp_mask_RxN):
+    """Places each sequence's scalar score on its last response token (verl's reward tensor)."""
+    mask = np.asarray(resp_mask_RxN)
+    out = np.zeros(mask.shape, np.float32)
+    last = np.maximum(mask.sum(-1) - 1, 0)
+    out[np.arange(len(last)), last] = np.asarray(scores_R, np.float32) * (mask.sum(-1) > 0)
+    return out
+
+
+def trim_length(resp_mask_RxN, multiple: int = 32) -> int:
+    """Response length to keep: the longest response rounded up to `multiple` (bounded shapes)."""
+    mask = np.asarray(resp_mask_RxN)
+    longest = int(mask.sum(-1).max()) if mask.size else 1
+    n = mask.shape[1]
+    return min(n, max(multiple, -(-longest // multiple) * multiple))
+
+
+def minibatch_indices(n_rows: int, rows_per_batch: int, rng: np.random.Generator, shuffle=True):
+    """Index arrays of the optimizer mini-batches of one PPO epoch (rows shuffled if asked)."""
+    order = rng.permutation(n_rows) if shuffle else np.arange(n_rows)
+    rows_per_batch = rows_per_batch or n_rows
+    if n_rows % rows_per_batch:
+        raise ValueError(
+            f"{n_rows} rollout rows do not split into mini-batches of {rows_per_batch} rows "
+            "(algo.ppo_mini_batch_size × rollout.num_generations must divide the batch)"
+        )
+    return [order[i : i + rows_per_batch] for i in range(0, n_rows, rows_per_batch)]

