@@ -175,6 +175,7 @@ def save_tiny_model_dir(path, seed: int = 0, vocab_pad: int = 64):
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
+        initializer_range=0.3,  # large enough embeddings that an adapter can steer the logits
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
