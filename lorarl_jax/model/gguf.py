@@ -170,7 +170,7 @@ def hf_tensor_name(arch: str, gguf_name: str) -> tuple[str, str | None]:
 def _field_value(field: gguf.ReaderField):
     value = field.contents()
     # float32 metadata comes back as its exact double (9.99999975e-06); HF writes the short decimal.
-    if field.types and field.types[-1] == gguf.GGUFValueType.FLOAT32:
+    if field.types == [gguf.GGUFValueType.FLOAT32]:
         value = float(str(np.float32(value)))
     return value
 
@@ -225,11 +225,7 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict:
     return _metadata(gguf.GGUFReader(path))
 
 
-def load_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """(HF config dict, HF-named float32 tensors in HF layout) from a GGUF file.
-
-    Tied checkpoints have no `lm_head.weight` (as in HF safetensors); `tie_word_embeddings` is set.
-    """
+def _read(path: str | os.PathLike) -> tuple[dict, dict, dict[str, np.ndarray]]:
     reader = gguf.GGUFReader(path)
     meta = _metadata(reader)
     arch = meta["general.architecture"]
@@ -245,23 +241,37 @@ def load_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
             w = _FIXES[fix](w, cfg)
         # F32 tensors are read-only views of the memory-mapped file: copy them out.
         tensors[hf_name] = np.require(w, np.float32, ["C", "W"])
+    return meta, cfg, tensors
+
+
+def load_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """(HF config dict, HF-named float32 tensors in HF layout) from a GGUF file.
+
+    Tied checkpoints have no `lm_head.weight` (as in HF safetensors); `tie_word_embeddings` is set.
+    """
+    _, cfg, tensors = _read(path)
     return cfg, tensors
 
 
 HF_DIR_FILES = ("config.json", "model.safetensors")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 keeps it
 
 
 def convert_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
-    """Writes `out_dir/config.json` and float32 `out_dir/model.safetensors`; returns the config.
+    """Writes config.json, float32 model.safetensors and (if the file has one) chat_template.jinja.
 
-    config.json uses the Hub's keys (`rope_theta`, `rope_local_base_freq`, ...), which every
-    transformers version reads; transformers 5 itself re-saves them as `rope_parameters`.
+    Returns the config. config.json uses the Hub's keys (`rope_theta`, `rope_local_base_freq`, ...),
+    which every transformers version reads; transformers 5 re-saves them as `rope_parameters`.
     """
-    cfg, tensors = load_gguf(gguf_path)
+    meta, cfg, tensors = _read(gguf_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg | {"dtype": "float32"}, indent=2) + "\n")
+    template = meta.get("tokenizer.chat_template")
+    (out / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+    if template is not None:
+        (out / CHAT_TEMPLATE_FILE).write_text(template)
     return cfg
 
 

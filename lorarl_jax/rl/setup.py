@@ -62,6 +62,11 @@ class Run:
     updates_per_step: int
     step: int = 0
 
+    @property
+    def off_policy(self) -> bool:
+        """More than one update per rollout: π_old must be computed before the first update."""
+        return self.updates_per_step > 1
+
     def opt_steps(self) -> int:
         return self.step * self.updates_per_step
 

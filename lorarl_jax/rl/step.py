@@ -74,9 +74,12 @@ def policy_loss_fn(lora, base, mb, key, *, cfg, lcfg, algo: AlgoCfg, temperature
         dropout_key=key if use_dropout else None,
     )
     mask = mb["response_mask"]
+    # On-policy (one epoch, one mini-batch): π_old is the current policy, so its log-probs are
+    # this forward's, detached (as TRL does), which saves a whole forward pass per step.
+    old_logp = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
     pg, m = losses.policy_loss(
         logp,
-        mb["old_logp"],
+        old_logp,
         mb["advantages"],
         mask,
         clip_ratio_low=algo.clip_ratio_low,
@@ -94,6 +97,10 @@ def policy_loss_fn(lora, base, mb, key, *, cfg, lcfg, algo: AlgoCfg, temperature
     if algo.entropy_coeff:
         loss = loss - algo.entropy_coeff * ent_mean
     metrics["actor/entropy"] = ent_mean
+    if "sampler_logp" in mb:  # rollout engine vs trainer numerics, as verl reports it
+        gap = jnp.abs(mb["sampler_logp"] - jax.lax.stop_gradient(logp)) * mask
+        metrics["rollout/logp_gap_mean"] = gap.sum() / jnp.maximum(mask.sum(), 1)
+        metrics["rollout/logp_gap_max"] = gap.max()
     return loss, metrics
 
 
@@ -137,7 +144,7 @@ def make_policy_step(
         updates, new_opt = tx.update(grads, opt_state, lora)
         new_lora = optax.apply_updates(lora, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        metrics = {k: v.mean() for k, v in metrics_M.items()}
+        metrics = {k: v.max() if k.endswith("_max") else v.mean() for k, v in metrics_M.items()}
         metrics.update(
             {
                 "actor/loss": loss,

@@ -93,8 +93,12 @@ def rollout_step(run: Run, batch, step: int):
         temperature=rc.temperature,
         chunk=cfg.algo.logprob_chunk,
     )
-    old_logp, entropy = jax.device_get(lp(run.lora, run.lcfg))
-    ref_logp = old_logp
+    # π_old needs its own forward only when the update is off-policy (several epochs or
+    # mini-batches); on-policy the step uses its own detached log-probs.
+    old_logp = entropy = None
+    if run.off_policy or cfg.algo.use_kl_in_reward:
+        old_logp, entropy = jax.device_get(lp(run.lora, run.lcfg))
+    ref_logp = None
     if cfg.algo.use_kl_loss or cfg.algo.use_kl_in_reward:  # π_ref: zero delta or initial adapter
         ref_logp = jax.device_get(lp(run.ref_lora, run.lcfg if run.ref_lora else None)[0])
     t_logp = time.perf_counter() - t2
@@ -127,19 +131,21 @@ def rollout_step(run: Run, batch, step: int):
         lam=cfg.algo.lam,
         norm_adv_by_std_in_grpo=cfg.algo.norm_adv_by_std_in_grpo,
     )
-    gap = np.abs(np.asarray(slogp) - np.asarray(old_logp)) * rmask
     lengths = np.asarray(rmask).sum(-1)
-    kl_tok = np.asarray(old_logp) - np.asarray(ref_logp)
+    if old_logp is not None:
+        gap = np.abs(np.asarray(slogp) - np.asarray(old_logp)) * rmask
+        metrics["rollout/logp_gap_mean"] = float(gap.sum() / max(rmask.sum(), 1))
+        metrics["rollout/logp_gap_max"] = float(gap.max())
+        metrics["actor/entropy_old"] = _masked_mean(entropy, rmask)
+    if ref_logp is not None:  # KL(π_old ‖ π_ref), k1 estimate, sampled tokens
+        ref_from = old_logp if old_logp is not None else slogp
+        metrics["actor/kl"] = _masked_mean(np.asarray(ref_from) - np.asarray(ref_logp), rmask)
     metrics.update(
         {
             **rmetrics,
             "response/length_mean": float(lengths.mean()),
             "response/length_max": float(lengths.max()),
             "response/clipped_frac": float((lengths >= rc.max_new_tokens).mean()),
-            "actor/kl": _masked_mean(kl_tok, rmask),
-            "actor/entropy_old": _masked_mean(entropy, rmask),
-            "rollout/logp_gap_mean": float(gap.sum() / max(rmask.sum(), 1)),
-            "rollout/logp_gap_max": float(gap.max()),
             "time/merge": t_merge,
             "time/rollout": t_rollout,
             "time/reward": t_reward,
@@ -151,11 +157,14 @@ def rollout_step(run: Run, batch, step: int):
         "tokens": tokens,
         "attention_mask": attn,
         "response_mask": np.asarray(rmask),
-        "old_logp": np.asarray(old_logp),
-        "ref_logp": np.asarray(ref_logp),
+        "sampler_logp": np.asarray(slogp),
         "advantages": np.asarray(advs),
         "returns": np.asarray(returns),
     }
+    if run.off_policy:
+        train_batch["old_logp"] = np.asarray(old_logp)
+    if cfg.algo.use_kl_loss:
+        train_batch["ref_logp"] = np.asarray(ref_logp)
     if values is not None:
         train_batch["values"] = np.asarray(values)
     return train_batch, metrics
