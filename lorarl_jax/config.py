@@ -100,6 +100,7 @@ class DataCfg:
     arith_n_train: int = 2000
     arith_n_val: int = 200
     arith_ops: str = "+-"
+    arith_max_operand: int = 99
 
 
 @dataclasses.dataclass(frozen=True)

@@ -181,11 +181,17 @@ _ARITH_TEMPLATES = {
 _NAMES = ("Ann", "Ben", "Carla", "Dev", "Emi", "Farid", "Gus", "Hana")
 
 
-def arith_rows(n: int, seed: int, ops: Sequence[str] = ("+", "-", "*")) -> list[dict[str, Any]]:
+def arith_rows(
+    n: int,
+    seed: int,
+    ops: Sequence[str] = ("+", "-", "*"),
+    max_operand: int = 99,
+    instruction: str = ARITH_INSTRUCTION,
+) -> list[dict[str, Any]]:
     """``n`` distinct small arithmetic problems (data_source "arith"), deterministic in ``seed``.
 
-    ``+``/``-`` use operands in [1, 99] (``a >= b`` so answers are non-negative); ``*`` uses single
-    digits in [2, 9]. Questions are sampled without repeats, so ``n`` is capped by the problem
+    ``+``/``-`` use operands in [1, max_operand] (``a >= b`` so answers are non-negative); ``*``
+    uses single digits in [2, 9]. Questions are sampled without repeats, so ``n`` is capped by the problem
     space.
     """
     if not ops or any(op not in _ARITH_TEMPLATES for op in ops):
@@ -197,7 +203,7 @@ def arith_rows(n: int, seed: int, ops: Sequence[str] = ("+", "-", "*")) -> list[
         if len(rows) == n:
             break
         op = rng.choice(list(ops))
-        lo, hi = (2, 9) if op == "*" else (1, 99)
+        lo, hi = (2, 9) if op == "*" else (1, max_operand)
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         if op == "-" and a < b:
             a, b = b, a
@@ -208,7 +214,7 @@ def arith_rows(n: int, seed: int, ops: Sequence[str] = ("+", "-", "*")) -> list[
         seen.add(question)
         answer = str({"+": a + b, "-": a - b, "*": a * b}[op])
         extra = {"split": "train", "index": len(rows), "question": question, "answer": answer}
-        rows.append(_make_row("arith", f"{question} {ARITH_INSTRUCTION}", answer, "math", extra))
+        rows.append(_make_row("arith", f"{question} {instruction}", answer, "math", extra))
     if len(rows) < n:
         raise ValueError(
             f"only {len(rows)} distinct problems exist for ops={tuple(ops)}, asked {n}"

@@ -216,3 +216,19 @@ def test_existing_checkpoints_are_not_overwritten(tiny_model_dir, tmp_path):
     r = _main(args)
     assert r.returncode == 2 and "resume=True" in r.stderr.strip().splitlines()[-1]
     assert (out / "ckpt" / "1").exists()
+
+
+def test_training_runtime_does_not_import_torch(tiny_model_dir, tmp_path):
+    """The whole smoke run works with torch made unimportable."""
+    code = (
+        "import sys, runpy; sys.modules['torch'] = None; "
+        "sys.argv = ['main', '--config', 'configs/smoke.py', "
+        f"'--config.model.path={tiny_model_dir}', '--config.trainer.output_dir={tmp_path}/r', "
+        "'--config.trainer.steps=1']; "
+        "runpy.run_module('lorarl_jax.main', run_name='__main__')"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "r" / "adapter" / "adapter_model.safetensors").exists()

@@ -107,7 +107,9 @@ def _rows(files: str, split: str, cfg: RunConfig):
             rows += data_lib.load_rows(f.strip())
         return rows
     d = cfg.data  # no files: the synthetic arithmetic task, deterministic from the seed
-    rows = data_lib.arith_rows(d.arith_n_train + d.arith_n_val, cfg.trainer.seed, tuple(d.arith_ops))
+    rows = data_lib.arith_rows(
+        d.arith_n_train + d.arith_n_val, cfg.trainer.seed, tuple(d.arith_ops), d.arith_max_operand
+    )
     return rows[: d.arith_n_train] if split == "train" else rows[d.arith_n_train :]
 
 

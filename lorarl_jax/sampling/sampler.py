@@ -197,3 +197,7 @@ def response_mask(tokens_BxN, stop_ids):
     stop = _is_stop(tokens_BxN, stop_ids).astype(jnp.int32)
     before = jnp.cumsum(stop, axis=-1) - stop  # stops strictly before t
     return (before == 0).astype(jnp.int32)
+
+
+def fuse_for_decode(cfg, params):  # TEMP baseline stub
+    return params
