@@ -217,3 +217,12 @@ def from_config_dict(cd) -> RunConfig:
     if a.adv_estimator in ("grpo", "drgrpo", "rloo") and cfg.rollout.num_generations < 2:
         raise ValueError(f"algo.adv_estimator={a.adv_estimator} needs rollout.num_generations >= 2")
     return cfg
+
+
+def default_config():
+    """A ConfigDict holding every key with its default; config files start from this."""
+    from ml_collections import ConfigDict
+
+    groups = {g: dataclasses.asdict(cls()) if g != "lora" else None for g, cls in _GROUPS.items()}
+    groups["lora"] = dataclasses.asdict(LoraConfig()) | {"init_adapter_path": ""}
+    return ConfigDict(groups)

@@ -6,6 +6,7 @@ Short on purpose: parse the ml_collections config, validate it into frozen datac
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from absl import app, flags
@@ -22,7 +23,16 @@ def main(argv):
     from lorarl_jax.rl.trainer import train
 
     summary = train(from_config_dict(_CONFIG.value))
-    print(json.dumps({k: v for k, v in summary.items() if k.startswith(("val_", "adapter", "curves"))}, indent=1, default=str))
+    keep = ("val_", "adapter", "curves")
+    print(json.dumps({k: v for k, v in summary.items() if k.startswith(keep)}, indent=1))
+
+
+def _one_line(e: Exception) -> str:
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    m = re.search(r"'(\w+)'.*Did you mean \"(\w+)\"", msg.replace("\\", ""), re.S)
+    if m:  # ml_collections' unknown-key error for a --config.x.y flag
+        return f"unknown config key {m.group(1)!r}; did you mean {m.group(2)!r}?"
+    return " ".join(msg.split())
 
 
 def run():
@@ -31,7 +41,7 @@ def run():
         app.run(main)
     except (ValueError, FileNotFoundError, KeyError, AttributeError) as e:
         # config and input errors: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 
