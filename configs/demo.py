@@ -23,8 +23,17 @@ def get_config():
     c.rollout.update(num_generations=8, temperature=1.0, max_prompt_length=96, max_new_tokens=48)
     c.algo.update(adv_estimator="grpo", use_kl_loss=False, clip_ratio_high=0.28, logprob_chunk=32)
     c.optim.update(lr=3e-4, warmup_steps=2)
-    c.data.update(batch_size=4, val_batch_size=40, max_val_samples=200, pad_multiple=16,
-                  arith_n_train=2000, arith_n_val=200, arith_ops="+-", arith_max_operand=20,
-                  reward_fns=("builtin", "format"), reward_weights=(1.0, 0.2))
+    c.data.update(
+        batch_size=4,
+        val_batch_size=40,
+        max_val_samples=200,
+        pad_multiple=16,
+        arith_n_train=2000,
+        arith_n_val=200,
+        arith_ops="+-",
+        arith_max_operand=20,
+        reward_fns=("builtin", "format"),
+        reward_weights=(1.0, 0.2),
+    )
     c.trainer.update(steps=30, output_dir="runs/demo", ckpt_interval=10)
     return c

@@ -16,7 +16,13 @@ def get_config():
     c.rollout.update(num_generations=2, max_prompt_length=64, max_new_tokens=8)
     c.algo.update(use_kl_loss=True, kl_loss_coef=0.001)
     c.optim.update(lr=1e-3)
-    c.data.update(batch_size=2, val_batch_size=4, max_val_samples=4, arith_n_train=64,
-                  arith_n_val=8, reward_timeout_s=30.0)
+    c.data.update(
+        batch_size=2,
+        val_batch_size=4,
+        max_val_samples=4,
+        arith_n_train=64,
+        arith_n_val=8,
+        reward_timeout_s=30.0,
+    )
     c.trainer.update(steps=2, output_dir="runs/smoke", ckpt_interval=1)
     return c

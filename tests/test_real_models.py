@@ -38,8 +38,9 @@ def _compare(model_dir, steps=16, use_chat=True):
     tok = AutoTokenizer.from_pretrained(model_dir)
     if use_chat:
         texts = [
-            tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                    tokenize=False)
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
             for p in PROMPTS
         ]
         enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -49,11 +50,21 @@ def _compare(model_dir, steps=16, use_chat=True):
     ids = np.zeros((len(enc), P), np.int32)
     mask = np.zeros((len(enc), P), np.int32)
     for i, e in enumerate(enc):
-        ids[i, P - len(e):] = e
-        mask[i, P - len(e):] = 1
+        ids[i, P - len(e) :] = e
+        mask[i, P - len(e) :] = 1
     cfg, params = load_hf_model(model_dir)
-    out = generate(cfg, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), n=1,
-                   max_new_tokens=steps, stop_ids=(), pad_id=0, sp=SamplingParams(greedy=True))
+    out = generate(
+        cfg,
+        params,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jax.random.key(0),
+        n=1,
+        max_new_tokens=steps,
+        stop_ids=(),
+        pad_id=0,
+        sp=SamplingParams(greedy=True),
+    )
     ours = np.asarray(out.tokens)
 
     torch.set_num_threads(2)
@@ -61,17 +72,21 @@ def _compare(model_dir, steps=16, use_chat=True):
     theirs = []
     with torch.no_grad():
         for e in enc:  # unpadded, one prompt at a time: no padding conventions involved
-            g = hf.generate(torch.tensor([e]), max_new_tokens=steps, min_new_tokens=steps,
-                            do_sample=False)
-            theirs.append(g[0, len(e):].numpy())
+            g = hf.generate(
+                torch.tensor([e]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
+            )
+            theirs.append(g[0, len(e) :].numpy())
         seq = np.concatenate([ids, ours], 1)
         smask = np.concatenate([mask, np.ones_like(ours)], 1)
         pos = np.maximum(np.cumsum(smask, -1) - 1, 0)
-        ref_logits = hf(input_ids=torch.tensor(seq, dtype=torch.long),
-                        attention_mask=torch.tensor(smask),
-                        position_ids=torch.tensor(pos, dtype=torch.long)).logits.numpy()
-    our_logits, _ = Transformer(cfg).apply({"params": params}, jnp.asarray(seq),
-                                           positions_from_mask(jnp.asarray(smask)), smask)
+        ref_logits = hf(
+            input_ids=torch.tensor(seq, dtype=torch.long),
+            attention_mask=torch.tensor(smask),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        ).logits.numpy()
+    our_logits, _ = Transformer(cfg).apply(
+        {"params": params}, jnp.asarray(seq), positions_from_mask(jnp.asarray(smask)), smask
+    )
     valid = smask.astype(bool)
     diff = np.abs(np.asarray(our_logits) - ref_logits)[valid].max()
     return ours, np.stack(theirs), diff, float(np.abs(ref_logits[valid]).max())

@@ -93,8 +93,15 @@ def test_stop_ids_mask_and_early_exit(hf_dir):
     g = _gen(cfg, params, tokens, mask, jax.random.key(0), S.SamplingParams(greedy=True))
     first = np.asarray(g.tokens)
     stop = int(first[0, 2])  # row 0 stops at step 2 (or earlier if the id repeats)
-    r = _gen(cfg, params, tokens, mask, jax.random.key(0), S.SamplingParams(greedy=True),
-             stop_ids=(stop, 127))
+    r = _gen(
+        cfg,
+        params,
+        tokens,
+        mask,
+        jax.random.key(0),
+        S.SamplingParams(greedy=True),
+        stop_ids=(stop, 127),
+    )
     t, m = np.asarray(r.tokens), np.asarray(r.mask)
     k = int(np.argmax(first[0] == stop))
     assert m[0, : k + 1].all() and not m[0, k + 1 :].any()
@@ -117,8 +124,9 @@ def test_insert_places_prefilled_rows_into_slots(hf_dir):
     tokens, mask = left_padded_batch(128, [5], 5, seed=6)
     ref_tok, _ = _full_forward_greedy(cfg, params, tokens, mask, 3)
     logits, pre = S.prefill(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), 16)
-    big = S.repeat_rows(S.prefill(cfg, params, jnp.zeros((1, 5), jnp.int32),
-                                  jnp.ones((1, 5), jnp.int32), 16)[1], 3)
+    big = S.repeat_rows(
+        S.prefill(cfg, params, jnp.zeros((1, 5), jnp.int32), jnp.ones((1, 5), jnp.int32), 16)[1], 3
+    )
     tok = jnp.argmax(logits, -1).astype(jnp.int32)
     state = S.insert(pre.replace(token=tok), big, 1)
     out = [int(tok[0])]

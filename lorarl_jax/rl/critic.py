@@ -54,25 +54,38 @@ class Critic:
 
     @classmethod
     def create(cls, cfg, base, ccfg: CriticCfg, total_steps: int, key, loss_agg_mode="token-mean"):
-        head = ValueModel(cfg).init(
-            key, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
-        )["params"]["value_head"]
+        head = ValueModel(cfg).init(key, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))[
+            "params"
+        ]["value_head"]
         params = {"backbone": jax.tree.map(jnp.copy, base), "value_head": head}
-        sched = optax.join_schedules(
-            [optax.linear_schedule(0.0, ccfg.lr, max(ccfg.warmup_steps, 1)),
-             optax.constant_schedule(ccfg.lr)],
-            [max(ccfg.warmup_steps, 1)],
-        ) if ccfg.warmup_steps else ccfg.lr
+        sched = (
+            optax.join_schedules(
+                [
+                    optax.linear_schedule(0.0, ccfg.lr, max(ccfg.warmup_steps, 1)),
+                    optax.constant_schedule(ccfg.lr),
+                ],
+                [max(ccfg.warmup_steps, 1)],
+            )
+            if ccfg.warmup_steps
+            else ccfg.lr
+        )
         tx = optax.chain(optax.clip_by_global_norm(ccfg.grad_clip), optax.adamw(sched))
         return cls(cfg, ccfg, loss_agg_mode, params, tx.init(params), tx)
 
     def values(self, tokens, attn, n_resp: int) -> np.ndarray:
-        return np.asarray(_values(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(attn), n_resp))
+        return np.asarray(
+            _values(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(attn), n_resp)
+        )
 
     def update(self, mb) -> dict:
         self.params, self.opt_state, m = _critic_step(
-            self.cfg, self.tx, self.ccfg.cliprange_value, self.loss_agg_mode,
-            self.params, self.opt_state, mb,
+            self.cfg,
+            self.tx,
+            self.ccfg.cliprange_value,
+            self.loss_agg_mode,
+            self.params,
+            self.opt_state,
+            mb,
         )
         return m
 

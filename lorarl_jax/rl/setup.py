@@ -182,7 +182,9 @@ def build(cfg: RunConfig) -> Run:
     updates_per_step = cfg.algo.ppo_epochs * max(rows // per_mb, 1)
     micro = cfg.algo.micro_batch_size or per_mb
     if per_mb % micro:
-        raise ValueError(f"algo.micro_batch_size={micro} must divide the mini-batch ({per_mb} rows)")
+        raise ValueError(
+            f"algo.micro_batch_size={micro} must divide the mini-batch ({per_mb} rows)"
+        )
     tx = step_lib.make_optimizer(cfg.optim, tc.steps * updates_per_step)
     opt_state = tx.init(lora)
     policy_step = step_lib.make_policy_step(
@@ -271,7 +273,9 @@ def _maybe_resume(run: Run) -> None:
     if restored is None:
         return
     run.lora, run.opt_state, run.step = restored["lora"], restored["opt_state"], restored["step"]
-    if not jnp.array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(run.keys["root"])):
+    if not jnp.array_equal(
+        jax.random.key_data(restored["rng"]), jax.random.key_data(run.keys["root"])
+    ):
         raise ValueError("checkpoint was written with another trainer.seed; use the same seed")
     run.data_iter.set_state(restored["data_state"])
     run.kl_ctl.value = float(restored["kl_ctl"]["value"])

@@ -160,6 +160,4 @@ def make_policy_step(
 @functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "n_resp", "temperature", "chunk"))
 def compute_logprobs(cfg, lcfg, base, lora, tokens, attention_mask, *, n_resp, temperature, chunk):
     """Jitted no-grad log-probs + entropy (old policy with `lora`, reference with `lora=None`)."""
-    return token_logprobs(
-        cfg, lcfg, base, lora, tokens, attention_mask, n_resp, temperature, chunk
-    )
+    return token_logprobs(cfg, lcfg, base, lora, tokens, attention_mask, n_resp, temperature, chunk)
