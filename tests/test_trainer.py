@@ -295,3 +295,60 @@ def test_algorithm_variants_run_and_update(algo, tiny_model_dir, tmp_path):
     if algo["adv_estimator"] == "gae":
         assert all(np.isfinite(x["critic/vf_loss"]) for x in lines)
         assert "actor/reward_kl_coef" in lines[0] and "rollout/logp_gap_mean" in lines[0]
+
+
+def test_export_script_from_checkpoint(tiny_model_dir, tmp_path):
+    """scripts/export.py: checkpoint → PEFT adapter (loads in peft) and merged HF model."""
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    fn = tmp_path / "yes_reward.py"
+    fn.write_text(YES_REWARD)
+    r = _main(
+        [
+            f"--config.model.path={tiny_model_dir}",
+            f"--config.trainer.output_dir={out}",
+            "--config.trainer.eval_before=False",
+            "--config.optim.lr=0.05",
+            "--config.rollout.num_generations=4",
+            f"--config.data.reward_fns=('{fn}:yes_fraction',)",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "scripts/export.py",
+            "--run-dir",
+            str(out),
+            "--peft",
+            str(tmp_path / "a"),
+            "--merged",
+            str(tmp_path / "m"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exported step 2" in r.stdout
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))  # the trainer's final export
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    ids = torch.tensor([[3, 10, 11, 4]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        peft_logits = PeftModel.from_pretrained(base, str(tmp_path / "a"))(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+        merged_logits = merged(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
+    np.testing.assert_allclose(peft_logits.numpy(), merged_logits.numpy(), atol=1e-4)
+    assert np.abs(peft_logits.numpy() - base_logits.numpy()).max() > 1e-3  # training moved it
+    assert max(np.abs(v).max() for k, v in a.items() if "lora_B" in k) > 0

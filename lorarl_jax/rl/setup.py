@@ -20,6 +20,7 @@ from lorarl_jax import data as data_lib
 from lorarl_jax import mesh as mesh_lib
 from lorarl_jax.checkpoint import Checkpointer, restore_or_none
 from lorarl_jax.config import RunConfig
+from lorarl_jax.export import RUN_CONFIG
 from lorarl_jax.metrics import MetricsLogger, plot_metrics
 from lorarl_jax.model import hf
 from lorarl_jax.model.lora import LoraConfig, init_lora, lora_logical_axes, merge
@@ -154,6 +155,10 @@ def build(cfg: RunConfig) -> Run:
     k_lora, k_rollout, k_update = jax.random.split(root, 3)
     model_dir, model_cfg, base, tokenizer = _load_model(cfg, mesh)
     lora, lcfg = _init_adapter(cfg, model_cfg, base, k_lora, mesh)
+    with open(os.path.join(tc.output_dir, RUN_CONFIG), "w") as f:  # what export.py rebuilds from
+        record = dataclasses.asdict(cfg) | {"resolved_model_path": os.path.abspath(model_dir)}
+        record["lora"] = dataclasses.asdict(lcfg)
+        json.dump(record, f, indent=2)
     ref_lora = jax.tree.map(jnp.copy, lora) if cfg.algo.reference == "init_adapter" else None
 
     pad_id = data_lib.pad_id_of(tokenizer)

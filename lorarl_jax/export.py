@@ -1,0 +1,45 @@
+"""Checkpoint → PEFT adapter / merged HF model, using the run's recorded configuration.
+
+A run writes `run_config.json` (the validated RunConfig) when it starts; export rebuilds the
+adapter's abstract tree from it and the base model's shapes, restores only the `lora` item of the
+orbax checkpoint, and writes it through the same HF name table as the trainer's final export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from lorarl_jax.checkpoint import Checkpointer
+from lorarl_jax.model import hf
+from lorarl_jax.model.lora import LoraConfig, init_lora, merge
+
+RUN_CONFIG = "run_config.json"
+
+
+def export_checkpoint(run_dir: str, step: int | None, peft_dir: str | None, merged_dir: str | None):
+    path = os.path.join(run_dir, RUN_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a training output_dir?")
+    with open(path) as f:
+        rc = json.load(f)
+    model_dir = rc["resolved_model_path"]
+    lcfg = LoraConfig(
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in rc["lora"].items()}
+    )
+    cfg, base = hf.load_hf_model(model_dir)
+    abstract = jax.eval_shape(lambda: init_lora(base, lcfg, jax.random.key(0)))
+    ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), save_interval_steps=1, max_to_keep=None)
+    try:
+        restored = ckpt.restore(step, abstract_state={"lora": abstract, "rng": jax.random.key(0)})
+    finally:
+        ckpt.close()
+    lora = jax.tree.map(jnp.asarray, restored["lora"])
+    if peft_dir:
+        hf.save_peft_adapter(jax.device_get(lora), lcfg, peft_dir, base_model=model_dir)
+    if merged_dir:
+        hf.save_hf_model(merge(base, lora, lcfg.scale), merged_dir, src_dir=model_dir)
+    return restored["step"]
