@@ -9,7 +9,7 @@ import json
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lorarl_jax.config import from_config_dict
@@ -20,6 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.p
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax/absl INFO lines drown the progress bar
     from lorarl_jax.rl.trainer import train
 
     summary = train(from_config_dict(_CONFIG.value))
