@@ -35,6 +35,7 @@ class RolloutCfg:
     max_new_tokens: int = 128
     overlong_prompt: str = "filter"  # filter | truncate | error
     merge: str = "auto"  # auto | always | never (QLoRA trade-off, see README)
+    response_bucket: int = 32  # train on responses trimmed to a multiple of this; 0: never trim
 
 
 @dataclasses.dataclass(frozen=True)

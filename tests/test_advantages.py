@@ -253,3 +253,18 @@ def test_jit_group_ids_and_gae():
     g = lambda r, v, m: adv.gae(r, v, m, 0.9, 0.95)
     for eager, jitted in zip(g(r, v, m), jax.jit(g)(r, v, m), strict=True):
         _close(eager, jitted)
+
+
+def test_trim_length_buckets_and_fixed_shape():
+    import numpy as np
+
+    from lorarl_jax.rl.experience import outcome_token_scores, trim_length
+
+    mask = np.zeros((2, 48), np.int32)
+    mask[0, :20] = 1
+    mask[1, :35] = 1
+    assert trim_length(mask, 32) == 48  # 35 rounds up to 64, capped at N = 48
+    assert trim_length(mask[:, :40] * (np.arange(40) < 20), 32) == 32
+    assert trim_length(mask, 0) == 48  # fixed shape
+    s = outcome_token_scores([1.0, -2.0], mask)
+    assert s[0, 19] == 1.0 and s[1, 34] == -2.0 and s.sum() == -1.0

@@ -28,10 +28,13 @@ def outcome_token_scores(scores_R, resp_mask_RxN):
 
 
 def trim_length(resp_mask_RxN, multiple: int = 32) -> int:
-    """Response length to keep: the longest response rounded up to `multiple` (bounded shapes)."""
+    """Response length to keep: the longest response rounded up to `multiple` (few distinct
+    shapes, so few recompiles); `multiple` ≤ 0 keeps the full length (one shape, one compile)."""
     mask = np.asarray(resp_mask_RxN)
-    longest = int(mask.sum(-1).max()) if mask.size else 1
     n = mask.shape[1]
+    if multiple <= 0:
+        return n
+    longest = int(mask.sum(-1).max()) if mask.size else 1
     return min(n, max(multiple, -(-longest // multiple) * multiple))
 
 

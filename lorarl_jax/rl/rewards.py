@@ -111,6 +111,13 @@ def format_reward(prompts: list[str], completions: list[str], **columns) -> list
     return [format_score(c) for c in completions]
 
 
+def flexible_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """1.0 if the last number in the completion equals the ground truth (answer correctness
+    without the format), for GSM8K-like sources; a denser signal than strict `#### N`."""
+    truths = columns["ground_truth"]
+    return [gsm8k_score(c, t, method="flexible") for c, t in zip(completions, truths, strict=True)]
+
+
 # ------------------------------------------------------------------------------------------
 # Custom reward functions
 # ------------------------------------------------------------------------------------------
@@ -146,13 +153,15 @@ def load_reward_fn(spec: str) -> RewardFn:
 
 
 def resolve_reward_fn(fn: str | RewardFn | SampleRewardFn) -> RewardFn | SampleRewardFn:
-    """`"builtin"`, `"format"`, a `"file.py:name"` spec, or a callable / SampleRewardFn."""
+    """`"builtin"`, `"format"`, `"flexible"`, a `"file.py:name"` spec, or a callable."""
     if not isinstance(fn, str):
         return fn
     if fn == "builtin":
         return BUILTIN_REWARD
     if fn == "format":
         return format_reward
+    if fn == "flexible":
+        return flexible_reward
     return load_reward_fn(fn)
 
 

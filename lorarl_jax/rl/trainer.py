@@ -78,7 +78,7 @@ def rollout_step(run: Run, batch, step: int):
     scores, rmetrics = run.reward(prompts, texts, columns)
     t_reward = time.perf_counter() - t1
 
-    Nk = trim_length(out.mask)
+    Nk = trim_length(out.mask, rc.response_bucket)
     resp, rmask, slogp = out.tokens[:, :Nk], out.mask[:, :Nk], out.logp[:, :Nk]
     tokens, attn = build_sequences(batch["input_ids"], batch["attention_mask"], resp, rmask, n)
     t2 = time.perf_counter()
