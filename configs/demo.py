@@ -21,8 +21,13 @@ def get_config():
     c.model.path = "smollm2"
     c.lora.update(r=16, lora_alpha=32.0, target_modules=ALL_LINEAR)
     # fixed shapes (prompts pad to 64, responses are never trimmed): one compile for the run
-    c.rollout.update(num_generations=8, temperature=1.0, max_prompt_length=64, max_new_tokens=48,
-                     response_bucket=0)
+    c.rollout.update(
+        num_generations=8,
+        temperature=1.0,
+        max_prompt_length=64,
+        max_new_tokens=48,
+        response_bucket=0,
+    )
     c.algo.update(adv_estimator="grpo", use_kl_loss=False, clip_ratio_high=0.28, logprob_chunk=32)
     c.optim.update(lr=3e-4, warmup_steps=2)
     # reward: exact `#### N` (1.0) + correct last number (0.5) + `#### <number>` format (0.2)

@@ -369,8 +369,11 @@ def test_flexible_reward_scores_last_number_correctness():
 
     comps = ["7 + 5 = 12", "the answer is 13", "no number here", "#### 12"]
     scores, m = compute_rewards(
-        ["p"] * 4, comps, {"ground_truth": ["12"] * 4, "data_source": ["arith"] * 4},
-        reward_fns=("builtin", "flexible"), weights=(1.0, 0.5),
+        ["p"] * 4,
+        comps,
+        {"ground_truth": ["12"] * 4, "data_source": ["arith"] * 4},
+        reward_fns=("builtin", "flexible"),
+        weights=(1.0, 0.5),
     )
     # strict: only "#### 12" (1.0); flexible: rows 0 and 3 end with 12 (0.5 each)
     assert scores.tolist() == [0.5, 0.0, 0.0, 1.5]

@@ -14,23 +14,34 @@ from lorarl_jax.model.hf import load_hf_model
 from lorarl_jax.model.lora import LoraConfig, count_params, init_lora
 from lorarl_jax.model.transformer import Transformer, positions_from_mask
 from lorarl_jax.rl import step as S
-from lorarl_jax.rl.logprobs import token_logprobs
+from lorarl_jax.rl.logprobs import shared_prompt_logprobs, token_logprobs
 
 P, N = 6, 5
 
 
-def _batch(vocab=128, B=4, seed=0):
+G = 2  # samples per prompt
+
+
+def _batch(vocab=128, B=2, seed=0):
+    """B prompts × G responses, in the trainer's layout."""
     rng = np.random.default_rng(seed)
     ptok, pmask = left_padded_batch(vocab, [6, 3, 4, 6][:B], P, seed=seed)
-    resp = rng.integers(1, vocab, (B, N)).astype(np.int32)
-    rmask = np.ones((B, N), np.int32)
+    resp = rng.integers(1, vocab, (B * G, N)).astype(np.int32)
+    rmask = np.ones((B * G, N), np.int32)
     rmask[1, 3:] = 0
     return {
-        "tokens": jnp.asarray(np.concatenate([ptok, resp], 1)),
-        "attention_mask": jnp.asarray(np.concatenate([pmask, rmask], 1)),
+        "prompt_tokens": jnp.asarray(ptok),
+        "prompt_mask": jnp.asarray(pmask),
+        "responses": jnp.asarray(resp),
         "response_mask": jnp.asarray(rmask),
-        "advantages": jnp.asarray(np.repeat(rng.normal(size=(B, 1)), N, 1), jnp.float32),
+        "advantages": jnp.asarray(np.repeat(rng.normal(size=(B * G, 1)), N, 1), jnp.float32),
     }
+
+
+def _concat(b):
+    toks = np.concatenate([np.repeat(b["prompt_tokens"], G, 0), b["responses"]], 1)
+    mask = np.concatenate([np.repeat(b["prompt_mask"], G, 0), b["response_mask"]], 1)
+    return jnp.asarray(toks), jnp.asarray(mask)
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +55,37 @@ def setup(hf_dir):
 def test_token_logprobs_match_full_forward_and_chunking(setup):
     cfg, base, lcfg, lora = setup
     lora = jax.tree.map(lambda x: x + 0.05, lora)  # non-zero B
-    b = _batch()
+    tokens, mask = _concat(_batch())
     logits, _ = Transformer(cfg, lcfg).apply(
-        {"params": base, "lora": lora},
-        b["tokens"],
-        positions_from_mask(b["attention_mask"]),
-        b["attention_mask"],
+        {"params": base, "lora": lora}, tokens, positions_from_mask(mask), mask
     )
     lp_full = jax.nn.log_softmax(logits[:, P - 1 : -1] / 0.8, -1)
-    ref = jnp.take_along_axis(lp_full, b["tokens"][:, P:, None], -1)[..., 0]
+    ref = jnp.take_along_axis(lp_full, tokens[:, P:, None], -1)[..., 0]
     ent_ref = -(jnp.exp(lp_full) * lp_full).sum(-1)
     for chunk in (1, 2, 5, 64):
-        lp, ent = token_logprobs(
-            cfg, lcfg, base, lora, b["tokens"], b["attention_mask"], N, 0.8, chunk
-        )
+        lp, ent = token_logprobs(cfg, lcfg, base, lora, tokens, mask, N, 0.8, chunk)
         np.testing.assert_allclose(lp, ref, atol=1e-5)
         np.testing.assert_allclose(ent, ent_ref, atol=1e-4)
-    ref_lp, _ = token_logprobs(cfg, None, base, None, b["tokens"], b["attention_mask"], N)
+    ref_lp, _ = token_logprobs(cfg, None, base, None, tokens, mask, N)
     assert np.abs(np.asarray(ref_lp) - np.asarray(ref)).max() > 1e-3  # adapter matters
+
+
+def test_shared_prompt_logprobs_and_grads_equal_concatenated(setup):
+    """Each prompt run once for its G samples gives the same log-probs and adapter gradients."""
+    cfg, base, lcfg, lora = setup
+    lora = jax.tree.map(lambda x: x + 0.05, lora)
+    b = _batch()
+    tokens, mask = _concat(b)
+    rm = b["response_mask"]
+    args = (b["prompt_tokens"], b["prompt_mask"], b["responses"], rm, G)
+    a, _ = token_logprobs(cfg, lcfg, base, lora, tokens, mask, N, 0.9, 2)
+    c, _ = shared_prompt_logprobs(cfg, lcfg, base, lora, *args, 0.9, 2)
+    np.testing.assert_allclose(np.asarray(a) * rm, np.asarray(c) * rm, atol=2e-6)
+    ga = jax.grad(lambda l: (token_logprobs(cfg, lcfg, base, l, tokens, mask, N)[0] * rm).sum())(
+        lora
+    )
+    gc = jax.grad(lambda l: (shared_prompt_logprobs(cfg, lcfg, base, l, *args)[0] * rm).sum())(lora)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5), ga, gc)
 
 
 def _train(setup, steps, algo=None, optim=None, n_micro=1):
@@ -69,11 +93,9 @@ def _train(setup, steps, algo=None, optim=None, n_micro=1):
     algo = algo or AlgoCfg(use_kl_loss=True, kl_loss_coef=0.01)
     tx = S.make_optimizer(optim or OptimCfg(lr=5e-3, grad_clip=1.0), 100)
     b = _batch()
-    old, _ = S.compute_logprobs(
-        cfg, lcfg, base, lora, b["tokens"], b["attention_mask"], n_resp=N, temperature=1.0, chunk=4
-    )
+    old, _ = S.compute_logprobs(cfg, lcfg, base, lora, b, n=G, temperature=1.0, chunk=4)
     b = dict(b, old_logp=old, ref_logp=old)
-    step = S.make_policy_step(cfg, lcfg, algo, tx, 1.0, n_micro)
+    step = S.make_policy_step(cfg, lcfg, algo, tx, 1.0, G, n_micro)
     lora = jax.tree.map(jnp.copy, lora)
     opt = tx.init(lora)
     hist = []
@@ -109,7 +131,8 @@ def test_micro_batches_match_full_batch(setup):
     a, _, ha, _ = _train(setup, 1, algo, optim, n_micro=1)
     b, _, hb, _ = _train(setup, 1, algo, optim, n_micro=2)
     assert abs(ha[0]["actor/grad_norm"] - hb[0]["actor/grad_norm"]) < 1e-5
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+    # Adam divides by √v: tiny gradients amplify float noise, so compare at 1% of lr
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, b)
 
 
 def test_non_finite_gradient_skips_update(setup):
@@ -118,7 +141,7 @@ def test_non_finite_gradient_skips_update(setup):
     b = _batch()
     b = dict(b, old_logp=jnp.zeros_like(b["advantages"]), ref_logp=jnp.zeros_like(b["advantages"]))
     b["advantages"] = b["advantages"].at[0, 0].set(jnp.nan)
-    step = S.make_policy_step(cfg, lcfg, AlgoCfg(), tx, 1.0)
+    step = S.make_policy_step(cfg, lcfg, AlgoCfg(), tx, 1.0, G)
     l0 = jax.tree.map(jnp.copy, lora)
     opt = tx.init(l0)
     l1, opt1, m = step(jax.tree.map(jnp.copy, lora), opt, base, b, jax.random.key(0))

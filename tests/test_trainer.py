@@ -262,7 +262,7 @@ def _smoke_cfg(tiny_model_dir, out, **groups):
             ppo_epochs=2,
             ppo_mini_batch_size=1,
         ),
-        dict(adv_estimator="rloo", micro_batch_size=2, loss_agg_mode="seq-mean-token-sum-norm"),
+        dict(adv_estimator="rloo", micro_batch_size=4, loss_agg_mode="seq-mean-token-sum-norm"),
         dict(
             adv_estimator="reinforce_plus_plus",
             gamma=0.99,

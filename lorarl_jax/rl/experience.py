@@ -38,13 +38,13 @@ def trim_length(resp_mask_RxN, multiple: int = 32) -> int:
     return min(n, max(multiple, -(-longest // multiple) * multiple))
 
 
-def minibatch_indices(n_rows: int, rows_per_batch: int, rng: np.random.Generator, shuffle=True):
-    """Index arrays of the optimizer mini-batches of one PPO epoch (rows shuffled if asked)."""
-    order = rng.permutation(n_rows) if shuffle else np.arange(n_rows)
-    rows_per_batch = rows_per_batch or n_rows
-    if n_rows % rows_per_batch:
+def minibatch_indices(n_items: int, per_batch: int, rng: np.random.Generator, shuffle=True):
+    """Index arrays of the optimizer mini-batches of one PPO epoch (items shuffled if asked)."""
+    order = rng.permutation(n_items) if shuffle else np.arange(n_items)
+    per_batch = per_batch or n_items
+    if n_items % per_batch:
         raise ValueError(
-            f"{n_rows} rollout rows do not split into mini-batches of {rows_per_batch} rows "
-            "(algo.ppo_mini_batch_size × rollout.num_generations must divide the batch)"
+            f"{n_items} prompts do not split into mini-batches of {per_batch} "
+            "(algo.ppo_mini_batch_size must divide data.batch_size)"
         )
-    return [order[i : i + rows_per_batch] for i in range(0, n_rows, rows_per_batch)]
+    return [order[i : i + per_batch] for i in range(0, n_items, per_batch)]

@@ -64,6 +64,74 @@ def chunked_logprobs(cfg: ModelConfig, base, h_BxNxD, targets_BxN, temperature=1
     return logp, ent
 
 
+def shared_prompt_hidden(
+    cfg, lcfg, base, lora, prompt_BxP, pmask_BxP, resp_RxN, rmask_RxN, n, dropout_key=None
+):
+    """Hidden states predicting each response token, with each prompt run once for its n samples.
+
+    The prompt pass writes its keys/values into a cache (slots [0, P)); the cache is repeated n
+    times and the responses attend to it from slots [P, P + N). Gradients flow back through the
+    repeat into the single prompt pass, so the result (and its gradient) equals running the B·n
+    concatenated sequences, for a fraction of the prompt compute.
+    """
+    from lorarl_jax.model.transformer import init_cache
+
+    deterministic = dropout_key is None
+    model = Transformer(cfg, lcfg if lora is not None else None, deterministic=deterministic)
+    variables = {"params": base} if lora is None else {"params": base, "lora": lora}
+    k1, k2 = (None, None) if deterministic else jax.random.split(dropout_key)
+    B, P = prompt_BxP.shape
+    R, N = resp_RxN.shape
+    kv_p = jnp.concatenate([pmask_BxP, jnp.zeros((B, N), pmask_BxP.dtype)], axis=1)
+    pos_p = positions_from_mask(pmask_BxP)
+    h_p, cache = model.apply(
+        variables,
+        prompt_BxP,
+        pos_p,
+        kv_p,
+        init_cache(cfg, B, P + N),
+        jnp.zeros((B,), jnp.int32),
+        return_hidden=True,
+        rngs=None if deterministic else {"dropout": k1},
+    )
+    cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), cache)
+    kv_r = jnp.concatenate([jnp.repeat(pmask_BxP, n, axis=0), rmask_RxN], axis=1)
+    pos_r = jnp.repeat(pos_p[:, -1:] + 1, n, axis=0) + jnp.arange(N)[None, :]
+    h_r, _ = model.apply(
+        variables,
+        resp_RxN,
+        pos_r,
+        kv_r,
+        cache,
+        jnp.full((R,), P, jnp.int32),
+        return_hidden=True,
+        rngs=None if deterministic else {"dropout": k2},
+    )
+    first = jnp.repeat(h_p[:, -1:], n, axis=0)  # the last prompt position predicts token 0
+    return jnp.concatenate([first, h_r[:, :-1]], axis=1)
+
+
+def shared_prompt_logprobs(
+    cfg: ModelConfig,
+    lcfg: LoraConfig | None,
+    base,
+    lora,
+    prompt_BxP,
+    pmask_BxP,
+    resp_RxN,
+    rmask_RxN,
+    n: int,
+    temperature: float = 1.0,
+    chunk: int = 64,
+    dropout_key=None,
+):
+    """(logp_RxN, entropy_RxN) of the responses; prompts are computed once per group of n."""
+    h = shared_prompt_hidden(
+        cfg, lcfg, base, lora, prompt_BxP, pmask_BxP, resp_RxN, rmask_RxN, n, dropout_key
+    )
+    return chunked_logprobs(cfg, base, h, resp_RxN, temperature, chunk)
+
+
 def token_logprobs(
     cfg: ModelConfig,
     lcfg: LoraConfig | None,

@@ -182,18 +182,21 @@ def build(cfg: RunConfig) -> Run:
     )
     data_iter = iter(dataset)
 
-    per_mb = (cfg.algo.ppo_mini_batch_size or dc.batch_size) * rc.num_generations
-    rows = dc.batch_size * rc.num_generations
-    updates_per_step = cfg.algo.ppo_epochs * max(rows // per_mb, 1)
-    micro = cfg.algo.micro_batch_size or per_mb
-    if per_mb % micro:
+    n = rc.num_generations
+    per_mb = cfg.algo.ppo_mini_batch_size or dc.batch_size  # prompts per optimizer update
+    if dc.batch_size % per_mb:
+        raise ValueError(f"algo.ppo_mini_batch_size={per_mb} must divide data.batch_size")
+    updates_per_step = cfg.algo.ppo_epochs * (dc.batch_size // per_mb)
+    micro = cfg.algo.micro_batch_size or per_mb * n  # sequences per gradient micro-batch
+    if micro % n or (per_mb * n) % micro:
         raise ValueError(
-            f"algo.micro_batch_size={micro} must divide the mini-batch ({per_mb} rows)"
+            f"algo.micro_batch_size={micro} must be a multiple of rollout.num_generations={n} "
+            f"and divide the mini-batch ({per_mb * n} sequences)"
         )
     tx = step_lib.make_optimizer(cfg.optim, tc.steps * updates_per_step)
     opt_state = tx.init(lora)
     policy_step = step_lib.make_policy_step(
-        model_cfg, lcfg, cfg.algo, tx, rc.temperature, per_mb // micro
+        model_cfg, lcfg, cfg.algo, tx, rc.temperature, n, per_mb * n // micro
     )
     a = cfg.algo
     kl_ctl = (

@@ -6,7 +6,8 @@
 - The optimizer (`make_optimizer`) is built over the adapter tree: AdamW with warmup + constant or
   cosine schedule, global-norm clipping, and an `optax.masked` wrapper whose mask marks the adapter
   leaves (the `lora_a` / `lora_b` leaves) as trainable, so state is 2 × adapter size + counters.
-- The batch is split into micro-batches accumulated with `lax.scan` (mean of micro-batch grads).
+- Each prompt is run once for its n samples (`shared_prompt_logprobs`); the batch is split into
+  micro-batches of whole groups, accumulated with `lax.scan` (mean of micro-batch grads).
 - A non-finite loss or gradient skips the update (params and optimizer state unchanged) and is
   reported as `actor/skipped`.
 
@@ -25,7 +26,7 @@ from lorarl_jax.config import AlgoCfg, OptimCfg
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.lora import LoraConfig
 from lorarl_jax.rl import losses
-from lorarl_jax.rl.logprobs import token_logprobs
+from lorarl_jax.rl.logprobs import shared_prompt_logprobs
 
 
 def lr_schedule(cfg: OptimCfg, total_steps: int):
@@ -57,18 +58,20 @@ def make_optimizer(cfg: OptimCfg, total_steps: int) -> optax.GradientTransformat
     return optax.masked(tx, trainable_mask)
 
 
-def policy_loss_fn(lora, base, mb, key, *, cfg, lcfg, algo: AlgoCfg, temperature: float):
-    """Loss and metrics of one micro-batch (a dict of [b, ·] arrays)."""
-    N = mb["response_mask"].shape[1]
+def policy_loss_fn(lora, base, mb, key, *, cfg, lcfg, algo: AlgoCfg, temperature: float, n: int):
+    """Loss and metrics of one micro-batch: `prompt_tokens`/`prompt_mask` [b, P] and the b·n
+    rows of `responses`, `response_mask`, `advantages`, (`old_logp`, `ref_logp`) [b·n, N]."""
     use_dropout = lcfg.lora_dropout > 0
-    logp, ent = token_logprobs(
+    logp, ent = shared_prompt_logprobs(
         cfg,
         lcfg,
         base,
         lora,
-        mb["tokens"],
-        mb["attention_mask"],
-        N,
+        mb["prompt_tokens"],
+        mb["prompt_mask"],
+        mb["responses"],
+        mb["response_mask"],
+        n,
         temperature,
         algo.logprob_chunk,
         dropout_key=key if use_dropout else None,
@@ -118,11 +121,15 @@ def make_policy_step(
     algo: AlgoCfg,
     tx: optax.GradientTransformation,
     temperature: float,
+    n: int,
     n_micro: int = 1,
 ):
-    """Returns jitted `step(lora, opt_state, base, batch, key) → (lora, opt_state, metrics)`."""
+    """Returns jitted `step(lora, opt_state, base, batch, key) → (lora, opt_state, metrics)`.
+
+    `n` samples per prompt; the batch's prompts are split into `n_micro` micro-batches (each
+    keeps whole groups, so prompts are still computed once per group)."""
     loss_fn = functools.partial(
-        policy_loss_fn, cfg=cfg, lcfg=lcfg, algo=algo, temperature=temperature
+        policy_loss_fn, cfg=cfg, lcfg=lcfg, algo=algo, temperature=temperature, n=n
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -157,7 +164,19 @@ def make_policy_step(
     return step
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "n_resp", "temperature", "chunk"))
-def compute_logprobs(cfg, lcfg, base, lora, tokens, attention_mask, *, n_resp, temperature, chunk):
+@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "n", "temperature", "chunk"))
+def compute_logprobs(cfg, lcfg, base, lora, batch, *, n, temperature, chunk):
     """Jitted no-grad log-probs + entropy (old policy with `lora`, reference with `lora=None`)."""
-    return token_logprobs(cfg, lcfg, base, lora, tokens, attention_mask, n_resp, temperature, chunk)
+    return shared_prompt_logprobs(
+        cfg,
+        lcfg,
+        base,
+        lora,
+        batch["prompt_tokens"],
+        batch["prompt_mask"],
+        batch["responses"],
+        batch["response_mask"],
+        n,
+        temperature,
+        chunk,
+    )

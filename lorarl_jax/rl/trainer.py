@@ -80,16 +80,20 @@ def rollout_step(run: Run, batch, step: int):
 
     Nk = trim_length(out.mask, rc.response_bucket)
     resp, rmask, slogp = out.tokens[:, :Nk], out.mask[:, :Nk], out.logp[:, :Nk]
-    tokens, attn = build_sequences(batch["input_ids"], batch["attention_mask"], resp, rmask, n)
+    seqs = {
+        "prompt_tokens": np.asarray(batch["input_ids"], np.int32),
+        "prompt_mask": np.asarray(batch["attention_mask"], np.int32),
+        "responses": np.asarray(resp, np.int32),
+        "response_mask": np.asarray(rmask, np.int32),
+    }
     t2 = time.perf_counter()
     lp = lambda lora, lcfg: compute_logprobs(  # noqa: E731
         run.model_cfg,
         lcfg,
         run.base,
         lora,
-        jnp.asarray(tokens),
-        jnp.asarray(attn),
-        n_resp=Nk,
+        jax.tree.map(jnp.asarray, seqs),
+        n=n,
         temperature=rc.temperature,
         chunk=cfg.algo.logprob_chunk,
     )
@@ -119,7 +123,8 @@ def rollout_step(run: Run, batch, step: int):
     else:
         token_rewards = token_scores
     values = None
-    if cfg.algo.adv_estimator == "gae":
+    if cfg.algo.adv_estimator == "gae":  # the critic reads the concatenated sequences
+        tokens, attn = build_sequences(batch["input_ids"], batch["attention_mask"], resp, rmask, n)
         values = run.critic.values(tokens, attn, Nk)
     advs, returns = adv_lib.compute_advantages(
         cfg.algo.adv_estimator,
@@ -154,9 +159,7 @@ def rollout_step(run: Run, batch, step: int):
         }
     )
     train_batch = {
-        "tokens": tokens,
-        "attention_mask": attn,
-        "response_mask": np.asarray(rmask),
+        **seqs,
         "sampler_logp": np.asarray(slogp),
         "advantages": np.asarray(advs),
         "returns": np.asarray(returns),
@@ -166,21 +169,25 @@ def rollout_step(run: Run, batch, step: int):
     if cfg.algo.use_kl_loss:
         train_batch["ref_logp"] = np.asarray(ref_logp)
     if values is not None:
-        train_batch["values"] = np.asarray(values)
+        train_batch.update(values=np.asarray(values), tokens=tokens, attention_mask=attn)
     return train_batch, metrics
 
 
 def update_step(run: Run, tb, step: int):
     """ppo_epochs × mini-batches of the jitted policy step (and critic step for PPO)."""
-    algo = run.cfg.algo
-    rows = tb["tokens"].shape[0]
-    per_mb = (algo.ppo_mini_batch_size or run.cfg.data.batch_size) * run.cfg.rollout.num_generations
+    algo, n = run.cfg.algo, run.cfg.rollout.num_generations
+    prompts = tb["prompt_tokens"].shape[0]
+    per_mb = algo.ppo_mini_batch_size or run.cfg.data.batch_size  # prompts per update
     rng = np.random.default_rng([run.cfg.trainer.seed, step])
     acc: dict[str, list[float]] = {}
     t0 = time.perf_counter()
-    for epoch in range(algo.ppo_epochs):
-        for i, idx in enumerate(minibatch_indices(rows, per_mb, rng, shuffle=rows > per_mb)):
-            mb = {k: jnp.asarray(v[idx]) for k, v in tb.items()}
+    for epoch in range(algo.ppo_epochs):  # mini-batches of whole groups (prompt + its n rows)
+        for i, pidx in enumerate(minibatch_indices(prompts, per_mb, rng, shuffle=prompts > per_mb)):
+            ridx = (pidx[:, None] * n + np.arange(n)[None, :]).reshape(-1)
+            mb = {
+                k: jnp.asarray(v[pidx] if k.startswith("prompt_") else v[ridx])
+                for k, v in tb.items()
+            }
             key = jax.random.fold_in(jax.random.fold_in(run.keys["update"], step), epoch * 997 + i)
             run.lora, run.opt_state, m = run.policy_step(run.lora, run.opt_state, run.base, mb, key)
             if run.critic is not None:
