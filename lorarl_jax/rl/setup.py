@@ -194,7 +194,10 @@ def build(cfg: RunConfig) -> Run:
             f"and divide the mini-batch ({per_mb * n} sequences)"
         )
     tx = step_lib.make_optimizer(cfg.optim, tc.steps * updates_per_step)
-    opt_state = tx.init(lora)
+    # scalar counters on the mesh too: the step's outputs are, so the second call hits the cache
+    opt_state = jax.tree.map(
+        lambda x: x if x.ndim else jax.device_put(x, mesh_lib.replicated(mesh)), tx.init(lora)
+    )
     policy_step = step_lib.make_policy_step(
         model_cfg, lcfg, cfg.algo, tx, rc.temperature, n, per_mb * n // micro
     )
