@@ -352,3 +352,31 @@ def test_export_script_from_checkpoint(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(peft_logits.numpy(), merged_logits.numpy(), atol=1e-4)
     assert np.abs(peft_logits.numpy() - base_logits.numpy()).max() > 1e-3  # training moved it
     assert max(np.abs(v).max() for k, v in a.items() if "lora_B" in k) > 0
+
+
+def test_train_step_compiles_once(tiny_model_dir, tmp_path):
+    """Fixed shapes → the jitted policy step is traced/compiled once across steps."""
+    from lorarl_jax.config import from_config_dict
+    from lorarl_jax.rl.setup import build
+    from lorarl_jax.rl.trainer import rollout_step, update_step
+
+    c = _smoke_cfg(tiny_model_dir, tmp_path / "r", rollout=dict(response_bucket=0))
+    c.data.max_val_samples = 0
+    import jax
+
+    run = build(from_config_dict(c))
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    for step in (1, 2, 3):
+        if step == 2:  # everything is compiled by now: later steps must not compile again
+            jax.monitoring.register_event_duration_secs_listener(listener)
+        tb, _ = rollout_step(run, next(run.data_iter), step)
+        update_step(run, tb, step)
+        run.step = step
+    jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    run.logger.close()
