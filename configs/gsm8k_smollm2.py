@@ -5,7 +5,8 @@
 
 Expect: a 135M model starts near 1–3% GSM8K accuracy; on 2 CPU cores a step (4 prompts × 8
 samples × 256 tokens) takes a few minutes, so treat this as a recipe to run on an accelerator
-(`--config.model.dtype=bfloat16`) — reward and strict-format accuracy rise first, correctness slowly.
+(`--config.model.dtype=bfloat16`): reward and strict-format accuracy rise first, correctness
+slowly.
 """
 
 from lorarl_jax.config import default_config

@@ -1,7 +1,8 @@
 """Qwen2.5-7B-Instruct GSM8K GRPO + LoRA, mirroring the seed note (verl's LoRA recipe).
 
     python scripts/prepare_gsm8k.py --input /path/to/gsm8k/train.jsonl --out data/gsm8k
-    python -m lorarl_jax.main --config configs/qwen25_7b.py --config.model.path=/path/to/Qwen2.5-7B-Instruct
+    python -m lorarl_jax.main --config configs/qwen25_7b.py \
+        --config.model.path=/path/to/Qwen2.5-7B-Instruct
 
 For accelerators (a GPU with ≥ 40 GB in bf16, or a TPU slice: set `trainer.mesh`, e.g. (1, 8, 1)
 for FSDP over 8 chips). r=16, alpha=32, all seven projections, lr 1e-4, bf16 compute and

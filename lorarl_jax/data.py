@@ -190,9 +190,9 @@ def arith_rows(
 ) -> list[dict[str, Any]]:
     """``n`` distinct small arithmetic problems (data_source "arith"), deterministic in ``seed``.
 
-    ``+``/``-`` use operands in [1, max_operand] (``a >= b`` so answers are non-negative); ``*``
-    uses single digits in [2, 9]. Questions are sampled without repeats, so ``n`` is capped by the problem
-    space.
+    ``+``/``-`` use operands in [1, max_operand] (``a >= b`` so answers are non-negative);
+    ``*`` uses single digits in [2, 9]. Questions are sampled without repeats, so ``n`` is capped
+    by the problem space.
     """
     if not ops or any(op not in _ARITH_TEMPLATES for op in ops):
         raise ValueError(f"ops must be a non-empty subset of {tuple(_ARITH_TEMPLATES)}, got {ops}")

@@ -181,9 +181,10 @@ def test_bad_inputs_give_one_line_errors(args, expect, tiny_model_dir, tmp_path)
 
 
 def test_malformed_row_names_file_and_row(tiny_model_dir, tmp_path):
-    from lorarl_jax.data import arith_rows, write_rows
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from lorarl_jax.data import arith_rows, write_rows
 
     rows = arith_rows(6, 0)
     good = tmp_path / "train.parquet"

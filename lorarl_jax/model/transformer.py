@@ -169,7 +169,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`__call__(tokens, positions, kv_mask, cache=None, cache_index=None)` → (logits|hidden, cache).
+    """`__call__(tokens, positions, kv_mask, cache=None, cache_index=None)` → (out, cache).
 
     tokens_BxT, positions_BxT: int32. kv_mask_BxS: 1 for valid key slots (S = T without a cache,
     the cache length with one). cache: list per layer of {'k','v'}: [B, S, K, Dh]. cache_index_B:
