@@ -381,3 +381,30 @@ def test_train_step_compiles_once(tiny_model_dir, tmp_path):
     jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     run.logger.close()
+
+
+@pytest.mark.parametrize("reference", ["base", "init_adapter"])
+def test_reference_choice_with_init_adapter(reference, tiny_model_dir, tmp_path):
+    """Starting from a PEFT adapter: KL at step 1 is 0 against itself, > 0 against the base."""
+    import jax
+
+    from lorarl_jax.config import from_config_dict
+    from lorarl_jax.model.hf import load_hf_model, save_peft_adapter
+    from lorarl_jax.model.lora import LoraConfig, init_lora
+    from lorarl_jax.rl.trainer import train
+
+    _, base = load_hf_model(tiny_model_dir)
+    lcfg = LoraConfig(r=4, lora_alpha=8.0, target_modules=("q_proj", "v_proj"))
+    lora = init_lora(base, lcfg, jax.random.key(1))
+    lora = jax.tree.map(lambda x: x + 0.3, lora)  # a non-zero starting adapter
+    save_peft_adapter(lora, lcfg, str(tmp_path / "init"))
+    c = _smoke_cfg(tiny_model_dir, tmp_path / "r", algo=dict(reference=reference, kl_loss_coef=0.1))
+    c.lora.init_adapter_path = str(tmp_path / "init")
+    c.trainer.steps = 1
+    c.data.max_val_samples = 0
+    train(from_config_dict(c))
+    (line,) = [x for x in _metric_lines(tmp_path / "r" / "metrics.jsonl") if "actor/kl" in x]
+    if reference == "init_adapter":
+        assert abs(line["actor/kl"]) < 1e-5 and abs(line["actor/kl_loss"]) < 1e-5
+    else:
+        assert line["actor/kl_loss"] > 1e-3
