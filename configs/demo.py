@@ -12,8 +12,7 @@ runs/demo: metrics.jsonl, curves.png, TensorBoard events, val samples, the PEFT 
 """
 
 from lorarl_jax.config import default_config
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from lorarl_jax.model.lora import LINEAR_NAMES as ALL_LINEAR
 
 
 def get_config():
@@ -43,5 +42,5 @@ def get_config():
         reward_fns=("builtin", "flexible", "format"),
         reward_weights=(1.0, 0.5, 0.2),
     )
-    c.trainer.update(steps=40, output_dir="runs/demo", ckpt_interval=10)
+    c.trainer.update(steps=40, output_dir="runs/demo", ckpt_interval=10, eval_interval=20)
     return c

@@ -10,8 +10,7 @@ that many positions at a time). Expect: slow on CPU (minutes per step); meant fo
 """
 
 from lorarl_jax.config import default_config
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from lorarl_jax.model.lora import LINEAR_NAMES as ALL_LINEAR
 
 
 def get_config():

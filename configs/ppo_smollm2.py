@@ -9,8 +9,7 @@ reward rises more slowly than GRPO on this task; ~2× GRPO's step time plus the 
 """
 
 from lorarl_jax.config import default_config
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from lorarl_jax.model.lora import LINEAR_NAMES as ALL_LINEAR
 
 
 def get_config():

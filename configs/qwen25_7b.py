@@ -11,8 +11,7 @@ after a few hundred steps per the seed note; memory: base 15 GB bf16 + adapter/o
 """
 
 from lorarl_jax.config import default_config
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from lorarl_jax.model.lora import LINEAR_NAMES as ALL_LINEAR
 
 
 def get_config():
