@@ -71,11 +71,12 @@ def _compare(model_dir, steps=16, use_chat=True):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     theirs = []
     with torch.no_grad():
-        for e in enc:  # unpadded, one prompt at a time: no padding conventions involved
-            g = hf.generate(
-                torch.tensor([e]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
-            )
-            theirs.append(g[0, len(e) :].numpy())
+        for e in enc:  # unpadded, one prompt at a time, plain argmax (generate's
+            seq_t = torch.tensor([e])  # min_new_tokens would mask the EOS that ours may emit)
+            for _ in range(steps):
+                nxt = hf(input_ids=seq_t).logits[0, -1].argmax()
+                seq_t = torch.cat([seq_t, nxt.view(1, 1)], dim=1)
+            theirs.append(seq_t[0, len(e) :].numpy())
         seq = np.concatenate([ids, ours], 1)
         smask = np.concatenate([mask, np.ones_like(ours)], 1)
         pos = np.maximum(np.cumsum(smask, -1) - 1, 0)
