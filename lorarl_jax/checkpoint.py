@@ -23,6 +23,7 @@ Design:
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 import jax
@@ -66,7 +67,8 @@ class Checkpointer:
             raise ValueError(
                 "need save_interval_steps, max_to_keep >= 1 (max_to_keep None: keep all)"
             )
-        self.directory = epath.Path(directory)
+        # orbax's tensorstore writer needs an absolute path (a relative output_dir fails on save)
+        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=policies.AnySavePolicy(

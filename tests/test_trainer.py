@@ -408,3 +408,22 @@ def test_reference_choice_with_init_adapter(reference, tiny_model_dir, tmp_path)
         assert abs(line["actor/kl"]) < 1e-5 and abs(line["actor/kl_loss"]) < 1e-5
     else:
         assert line["actor/kl_loss"] > 1e-3
+
+
+def test_relative_output_dir_checkpoints_and_exports(tiny_model_dir, tmp_path):
+    """The README runs with output_dir='runs/…' relative to the working directory."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    args = [
+        sys.executable,
+        "-m",
+        "lorarl_jax.main",
+        "--config",
+        f"{REPO}/configs/smoke.py",
+        f"--config.model.path={tiny_model_dir}",
+        "--config.trainer.output_dir=runs/rel",
+        "--config.trainer.eval_before=False",
+    ]
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "runs" / "rel" / "ckpt" / "2").is_dir()
+    assert (tmp_path / "runs" / "rel" / "adapter" / "adapter_model.safetensors").exists()
