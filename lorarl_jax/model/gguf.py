@@ -147,7 +147,7 @@ _FIXES = {
 
 def _compile_rules(arch: str) -> list[tuple[re.Pattern, str, str | None]]:
     if arch not in TENSOR_TABLE:
-        raise NotImplementedError(f"GGUF architecture {arch!r}; supported: {sorted(TENSOR_TABLE)}")
+        raise ValueError(f"GGUF architecture {arch!r}; supported: {sorted(TENSOR_TABLE)}")
     rules = []
     for gguf_name, hf_name, fix in TENSOR_TABLE[arch]:
         pattern = re.escape(gguf_name).replace(r"\{i\}", r"(?P<i>\d+)")
@@ -185,9 +185,7 @@ def _hf_config(meta: dict, tensor_shapes: dict[str, tuple[int, ...]]) -> dict:
     """HF config.json contents from GGUF metadata; `tensor_shapes` are numpy ([out, in]) shapes."""
     arch = meta["general.architecture"]
     if arch not in ARCH_CONSTANTS:
-        raise NotImplementedError(
-            f"GGUF architecture {arch!r}; supported: {sorted(ARCH_CONSTANTS)}"
-        )
+        raise ValueError(f"GGUF architecture {arch!r}; supported: {sorted(ARCH_CONSTANTS)}")
     cfg = dict(ARCH_CONSTANTS[arch])
     for gguf_key, hf_key in CONFIG_TABLE.items():
         if f"{arch}.{gguf_key}" in meta:
@@ -199,11 +197,11 @@ def _hf_config(meta: dict, tensor_shapes: dict[str, tuple[int, ...]]) -> dict:
     cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     rotary = meta.get(f"{arch}.rope.dimension_count", cfg["head_dim"])
     if rotary != cfg["head_dim"]:
-        raise NotImplementedError(f"partial rotary ({rotary} of {cfg['head_dim']} dims)")
+        raise ValueError(f"partial rotary ({rotary} of {cfg['head_dim']} dims)")
     if "rope_freqs.weight" in tensor_shapes or f"{arch}.rope.scaling.type" in meta:
         scaling = meta.get(f"{arch}.rope.scaling.type")
         if scaling != "linear" or "rope_freqs.weight" in tensor_shapes:
-            raise NotImplementedError(f"rope scaling {scaling!r} / rope_freqs tensor")
+            raise ValueError(f"rope scaling {scaling!r} / rope_freqs tensor")
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": meta[f"{arch}.rope.scaling.factor"]}
     # The embedding is the authority on vocabulary size (the metadata key is often absent).
     cfg["vocab_size"] = tensor_shapes["token_embd.weight"][0]
