@@ -136,3 +136,18 @@ def test_insert_places_prefilled_rows_into_slots(hf_dir):
         state = state.replace(token=nxt)
         out.append(int(nxt[1]))
     assert out == list(ref_tok[0])
+
+
+def test_inverse_cdf_draws_follow_the_tempered_softmax():
+    """Sampling frequencies match softmax(logits / T); zero-mass (top-k) tokens never appear."""
+    logits = jnp.log(jnp.asarray([[0.1, 0.2, 0.3, 0.4] + [1e-9] * 300]))
+    toks = []
+    for i in range(20):
+        tok, lp = S.sample_token(jnp.repeat(logits, 500, 0), jax.random.key(i), S.SamplingParams())
+        toks.append(np.asarray(tok))
+        ref = jax.nn.log_softmax(logits[0])[np.asarray(tok)]
+        np.testing.assert_allclose(np.asarray(lp), np.asarray(ref), atol=1e-6)
+    freq = np.bincount(np.concatenate(toks), minlength=4)[:4] / 10_000
+    np.testing.assert_allclose(freq, [0.1, 0.2, 0.3, 0.4], atol=0.015)
+    k2 = S.sample_token(jnp.repeat(logits, 500, 0), jax.random.key(0), S.SamplingParams(top_k=2))
+    assert set(np.asarray(k2[0]).tolist()) == {2, 3}

@@ -78,6 +78,16 @@ def _dense(parent, name, features, axes, bias):
     )
 
 
+def write_cache(c_BxKxSxDh, new_BxKxTxDh, index):
+    """Writes T new slots from `index`: a scalar (every row at the same slot: one in-place update,
+    what `generate` uses) or one slot per row [B] (a scatter)."""
+    new_BxKxTxDh = new_BxKxTxDh.astype(c_BxKxSxDh.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(c_BxKxSxDh, new_BxKxTxDh, (0, 0, index, 0))
+    write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (0, i, 0)))
+    return write(c_BxKxSxDh, new_BxKxTxDh, index)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     lora: LoraConfig | None
@@ -100,16 +110,19 @@ class Attention(nn.Module):
         rope = cfg.rope_local if (self.sliding and cfg.rope_local is not None) else cfg.rope
         q, k = apply_rope(q, positions_BxT, rope), apply_rope(k, positions_BxT, rope)
 
+        # Keys/values as [B, K, S, Dh]: the layout both attention dots read without a transpose,
+        # so decode never copies the cache (it would, per layer and step, with [B, S, K, Dh]).
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache is None:  # keys are the T tokens themselves, at slots 0..T-1
             keys, values, new_cache = k, v, None
             q_slot_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
         else:  # write the T new keys at each row's slot, attend over the whole cache
-            write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0)))
-            keys = write(cache["k"], k.astype(cache["k"].dtype), cache_index_B)
-            values = write(cache["v"], v.astype(cache["v"].dtype), cache_index_B)
+            keys = write_cache(cache["k"], k, cache_index_B)
+            values = write_cache(cache["v"], v, cache_index_B)
             new_cache = {"k": keys, "v": values}
-            q_slot_BxT = cache_index_B[:, None] + jnp.arange(T)[None, :]
-        S = keys.shape[1]
+            first_Bx1 = jnp.broadcast_to(cache_index_B, (B,))[:, None]
+            q_slot_BxT = first_Bx1 + jnp.arange(T)[None, :]
+        S = keys.shape[2]
         k_slot = jnp.arange(S)[None, None, :]
         allowed_BxTxS = (k_slot <= q_slot_BxT[..., None]) & kv_mask_BxS[:, None, :].astype(bool)
         if self.sliding and cfg.sliding_window:
@@ -117,14 +130,17 @@ class Attention(nn.Module):
 
         G = H // K
         q = q.reshape(B, T, K, G, Dh)
-        s_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
+        s_BxKxGxTxS = jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
         s_BxKxGxTxS = s_BxKxGxTxS * cfg.attn_scale
         if cfg.attn_logit_softcapping:
             cap = cfg.attn_logit_softcapping
             s_BxKxGxTxS = jnp.tanh(s_BxKxGxTxS / cap) * cap
         s_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], s_BxKxGxTxS, NEG_INF)
         p = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(cfg.compute_dtype)
-        o = jnp.einsum("bkgts,bskd->btkgd", p, values.astype(p.dtype)).reshape(B, T, H * Dh)
+        # [b, k, g, t, d] then transpose: asked for [b, t, k, g, d] directly, XLA:CPU swaps the
+        # operands and runs this dot with a slow generic kernel (~3x the decode attention time)
+        o = jnp.einsum("bkgts,bksd->bkgtd", p, values.astype(p.dtype))
+        o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * Dh)
         o_bias = cfg.attention_bias and cfg.model_type == "llama"  # Qwen2: q/k/v bias only
         out = _dense(self, "o_proj", cfg.hidden_size, ("q_heads", "embed"), o_bias)(o)
         return out, new_cache
@@ -172,8 +188,8 @@ class Transformer(nn.Module):
     """`__call__(tokens, positions, kv_mask, cache=None, cache_index=None)` → (out, cache).
 
     tokens_BxT, positions_BxT: int32. kv_mask_BxS: 1 for valid key slots (S = T without a cache,
-    the cache length with one). cache: list per layer of {'k','v'}: [B, S, K, Dh]. cache_index_B:
-    slot of each row's first new token.
+    the cache length with one). cache: list per layer of {'k','v'}: [B, K, S, Dh]. cache_index_B:
+    slot of each row's first new token, or a scalar when every row writes the same slot.
     """
 
     cfg: ModelConfig
@@ -245,9 +261,9 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-    """Zeroed KV cache: a list per layer of {'k','v'}: [B, S, K, Dh]."""
+    """Zeroed KV cache: a list per layer of {'k','v'}: [B, K, S, Dh]."""
     dtype = dtype or cfg.compute_dtype
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     return [
         {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
     ]

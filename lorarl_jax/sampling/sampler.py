@@ -3,13 +3,18 @@
 Design
 - The trainer merges the adapter into the base once per RL step; the sampler only ever sees plain
   params (`Transformer(cfg)` without a LoRA collection), so decode pays no adapter compute.
-- A `DecodeState` holds, per slot (row): the KV cache [B, S, K, Dh], which cache slots are valid,
+- A `DecodeState` holds, per slot (row): the KV cache [B, K, S, Dh], which cache slots are valid,
   the next write slot, the next RoPE position, the last token and a done flag. `prefill` builds one
   from a left-padded prompt batch; `insert` copies prefilled rows into slots of a larger state (what
   a JetStream engine needs for continuous batching); `decode_step` advances every slot by one token.
 - `generate` = prefill once per prompt, repeat each row `n` times (no re-prefill per sample), then a
   `lax.while_loop` of decode steps that stops at `max_new_tokens` or when every row has emitted a
   stop id. Sample `i·n + j` is generation j of prompt i (contiguous groups, as GRPO expects).
+- CPU decode costs (SmolLM2-135M, 32 rows, fp32) set these choices: every row of `generate` writes
+  the same cache slot, so the cache and mask take one in-place `dynamic_update_slice` per step (no
+  scatter); the cache layout is the one the attention dots read (no per-step cache transpose); the
+  prompt pass runs the LM head at its last position only; sampling is an inverse-CDF draw with one
+  uniform per row (Gumbel-max drew 32 × V uniforms per step, as slow as the whole LM head).
 - Log-probs returned are log-softmax(logits / temperature) at the chosen token: the tempered
   distribution before top-k/top-p truncation, which is exactly what the trainer recomputes.
 """
@@ -45,7 +50,7 @@ class SamplingParams:
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: list  # per layer {'k','v'}: [B, S, K, Dh]
+    cache: list  # per layer {'k','v'}: [B, K, S, Dh]
     kv_mask: jax.Array  # [B, S] int32: 1 where the slot holds a real token
     index: jax.Array  # [B] int32: next cache slot to write
     pos: jax.Array  # [B] int32: RoPE position of the next token
@@ -61,18 +66,52 @@ class Rollout:
     lengths: jax.Array  # [B·n]
 
 
-def sample_token(logits_BxV, key, sp: SamplingParams):
-    """Returns (token_B, logp_B): logp under softmax(logits / T) of the chosen token."""
-    logits_BxV = logits_BxV.astype(jnp.float32)
-    if sp.greedy:
-        tok = jnp.argmax(logits_BxV, axis=-1)
-        logp = jax.nn.log_softmax(logits_BxV, axis=-1)
-        return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None], -1)[:, 0]
-    scaled = logits_BxV / sp.temperature
-    filt = scaled
+BLOCK = 128  # vocabulary reductions run in two levels: over V / BLOCK blocks, then in one block
+
+
+def _blocks(x_BxV, fill):
+    """[B, V] → [B, R, BLOCK], padding the tail with `fill`."""
+    B, V = x_BxV.shape
+    R = -(-V // BLOCK)
+    return jnp.pad(x_BxV, ((0, 0), (0, R * BLOCK - V)), constant_values=fill).reshape(B, R, BLOCK)
+
+
+def _pick_block(xb_BxRxC, blk_B):
+    return jnp.take_along_axis(xb_BxRxC, blk_B[:, None, None], axis=1)[:, 0]
+
+
+def _argmax(xb_BxRxC, blockmax_BxR):
+    """= jnp.argmax (first maximum) from the block maxima: XLA:CPU runs a variadic (value, index)
+    reduce over all of V several times slower than a plain max."""
+    blk = jnp.argmax(blockmax_BxR, axis=-1)
+    return blk * BLOCK + jnp.argmax(_pick_block(xb_BxRxC, blk), axis=-1)
+
+
+def _inverse_cdf(w_BxV, u_B):
+    """Index i with cdf[i−1] < u·Σw ≤ cdf[i], for weights w ≥ 0 and u ∈ (0, 1]: an exact draw from
+    w / Σw with one uniform per row (Gumbel-max needs V of them, which costs more than the model's
+    LM head here). Block sums, a cumsum over blocks, then a cumsum inside the chosen block: O(V)."""
+    wb = _blocks(w_BxV, 0.0)
+    cum_BxR = jnp.cumsum(wb.sum(-1), axis=-1)
+    target_B = u_B * cum_BxR[:, -1]  # ≤ cum[-1], so the block index stays < R
+    blk = jnp.sum(cum_BxR < target_B[:, None], axis=-1)  # chosen block has positive mass
+    prev = jnp.take_along_axis(cum_BxR, jnp.maximum(blk - 1, 0)[:, None], axis=1)[:, 0]
+    rest_B = target_B - jnp.where(blk > 0, prev, 0.0)
+    row_BxC = _pick_block(wb, blk)
+    j = jnp.sum(jnp.cumsum(row_BxC, axis=-1) < rest_B[:, None], axis=-1)
+    # rounding may put `rest` past the block's own cumsum: fall back to its last positive weight
+    last = BLOCK - 1 - jnp.argmax(row_BxC[:, ::-1] > 0, axis=-1)
+    return blk * BLOCK + jnp.minimum(j, last)
+
+
+def _keep_mask(scaled_BxV, sp: SamplingParams):
+    """Top-k / top-p truncation of the tempered logits → bool [B, V], or None when both are off."""
+    if sp.top_k == 0 and sp.top_p == 1.0:
+        return None
+    filt = scaled_BxV
     if sp.top_k > 0:
-        kth = jax.lax.top_k(scaled, sp.top_k)[0][:, -1:]
-        filt = jnp.where(scaled < kth, -jnp.inf, filt)
+        kth = jax.lax.top_k(scaled_BxV, sp.top_k)[0][:, -1:]
+        filt = jnp.where(scaled_BxV < kth, -jnp.inf, filt)
     if sp.top_p < 1.0:
         srt = jnp.sort(filt, axis=-1)[:, ::-1]
         cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
@@ -80,21 +119,47 @@ def sample_token(logits_BxV, key, sp: SamplingParams):
         n_keep = jnp.sum((cum - jax.nn.softmax(srt, axis=-1)) < sp.top_p, axis=-1, keepdims=True)
         thresh = jnp.take_along_axis(srt, jnp.maximum(n_keep - 1, 0), axis=-1)
         filt = jnp.where(filt < thresh, -jnp.inf, filt)
-    tok = jax.random.categorical(key, filt, axis=-1).astype(jnp.int32)
-    logp = jax.nn.log_softmax(scaled, axis=-1)
-    return tok, jnp.take_along_axis(logp, tok[:, None], -1)[:, 0]
+    return filt > -jnp.inf
+
+
+def sample_token(logits_BxV, key, sp: SamplingParams):
+    """Returns (token_B, logp_B): logp under softmax(logits / T) of the chosen token.
+
+    Greedy: argmax, logp under softmax(logits). Sampling: a draw from softmax of the top-k/top-p
+    truncated tempered logits (inverse CDF, one uniform per row). logp is computed as
+    `jax.nn.log_softmax` does, (x − max) − log Σ exp(x − max), from the same exponentials.
+    """
+    x = logits_BxV.astype(jnp.float32)
+    if not sp.greedy:
+        x = x / sp.temperature
+    xb = _blocks(x, -jnp.inf)
+    blockmax_BxR = xb.max(-1)
+    m_B = blockmax_BxR.max(-1)
+    e_BxV = jnp.exp(x - m_B[:, None])
+    log_z = jnp.log(e_BxV.sum(-1))
+    if sp.greedy:
+        tok = _argmax(xb, blockmax_BxR)
+    else:
+        keep = _keep_mask(x, sp)
+        w_BxV = e_BxV if keep is None else jnp.where(keep, e_BxV, 0.0)
+        u_B = 1.0 - jax.random.uniform(key, (x.shape[0],))  # (0, 1]
+        tok = _inverse_cdf(w_BxV, u_B)
+    x_tok = jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0]
+    return tok.astype(jnp.int32), (x_tok - m_B) - log_z
 
 
 def prefill(cfg: ModelConfig, params, tokens_BxP, mask_BxP, cache_len: int):
     """Runs the prompt through the model, filling slots [0, P) → (last_logits_BxV, DecodeState)."""
     B, P = tokens_BxP.shape
+    model = Transformer(cfg)
     cache = init_cache(cfg, B, cache_len)
     kv_mask = jnp.zeros((B, cache_len), jnp.int32).at[:, :P].set(mask_BxP.astype(jnp.int32))
     positions = positions_from_mask(mask_BxP)
-    zeros = jnp.zeros((B,), jnp.int32)
-    logits, cache = Transformer(cfg).apply(
-        {"params": params}, tokens_BxP, positions, kv_mask, cache, zeros
+    h, cache = model.apply(
+        {"params": params}, tokens_BxP, positions, kv_mask, cache, jnp.int32(0), return_hidden=True
     )
+    # the LM head only at the last position: [B, P, V] logits would cost P times more
+    logits = model.apply({"params": params}, h[:, -1:], method=Transformer.logits_from_hidden)
     state = DecodeState(
         cache=cache,
         kv_mask=kv_mask,
@@ -103,7 +168,7 @@ def prefill(cfg: ModelConfig, params, tokens_BxP, mask_BxP, cache_len: int):
         token=tokens_BxP[:, -1],
         done=jnp.zeros((B,), bool),
     )
-    return logits[:, -1], state
+    return logits[:, 0], state
 
 
 def insert(prefix: DecodeState, state: DecodeState, slot) -> DecodeState:
@@ -120,17 +185,28 @@ def repeat_rows(state: DecodeState, n: int) -> DecodeState:
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), state)
 
 
-def decode_step(cfg: ModelConfig, params, state: DecodeState):
-    """Feeds `state.token` at each row's slot → (logits_BxV, advanced state without new token)."""
+def decode_step(cfg: ModelConfig, params, state: DecodeState, slot=None):
+    """Feeds `state.token` at each row's slot → (logits_BxV, advanced state without new token).
+
+    `slot`: when every row writes the same cache slot (as in `generate`), that slot as a scalar;
+    the cache and the mask then get one in-place update instead of a per-row scatter.
+    """
     B = state.token.shape[0]
-    kv_mask = state.kv_mask.at[jnp.arange(B), state.index].set(1)
+    if slot is None:
+        index = state.index
+        kv_mask = state.kv_mask.at[jnp.arange(B), index].set(1)
+    else:
+        index = slot
+        kv_mask = jax.lax.dynamic_update_slice(
+            state.kv_mask, jnp.ones((B, 1), jnp.int32), (0, slot)
+        )
     logits, cache = Transformer(cfg).apply(
         {"params": params},
         state.token[:, None],
         state.pos[:, None],
         kv_mask,
         state.cache,
-        state.index,
+        index,
     )
     new = state.replace(cache=cache, kv_mask=kv_mask, index=state.index + 1, pos=state.pos + 1)
     return logits[:, 0], new
@@ -175,7 +251,7 @@ def generate(
 
     def body(carry):
         t, state, out_tok, out_lp, key = carry
-        logits, state = decode_step(cfg, params, state)
+        logits, state = decode_step(cfg, params, state, slot=P + t - 1)  # rows share the slot
         key, sub = jax.random.split(key)
         tok, lp = sample_token(logits, sub, sp)
         tok = jnp.where(state.done, pad_id, tok)
@@ -197,7 +273,3 @@ def response_mask(tokens_BxN, stop_ids):
     stop = _is_stop(tokens_BxN, stop_ids).astype(jnp.int32)
     before = jnp.cumsum(stop, axis=-1) - stop  # stops strictly before t
     return (before == 0).astype(jnp.int32)
-
-
-def fuse_for_decode(cfg, params):  # TEMP baseline stub
-    return params
