@@ -1,0 +1,182 @@
+"""Serves a trained policy over gRPC with JetStream (continuous batching on one device).
+
+    pip install -e '.[serve]' && pip install --no-deps google-jetstream==0.2.2
+    python -m lorarl_jax.serve --model smollm2 --adapter out/adapter --port 9000
+    python -m lorarl_jax.serve --run-dir runs/demo [--step 20] --port 9000 --chat-template
+
+The policy is the base model (HF dir, .gguf file or a shipped name) with the adapter merged in:
+a PEFT adapter directory (`--adapter`) or the orbax checkpoint of a training run (`--run-dir`;
+the base defaults to the run's recorded model path). `lorarl_jax.sampling.engine.LoraEngine`
+runs it; `jetstream.core.server_lib` runs the prefill → insert → generate threads and the gRPC
+`Orchestrator` service (`Decode` streams tokens; `HealthCheck`). Sampling is greedy unless
+`--temperature` > 0. `--chat-template` wraps each text request as one user turn of the
+tokenizer's chat template, as the trainer formats prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lorarl_jax.export import RUN_CONFIG
+from lorarl_jax.model import hf
+from lorarl_jax.model.lora import LoraConfig, init_lora, merge
+
+
+@dataclasses.dataclass
+class Policy:
+    cfg: Any  # ModelConfig
+    params: Any  # merged weights
+    model_dir: str
+    tokenizer_dir: str
+    stop_ids: tuple[int, ...]
+    adapter: str  # what was merged, for the log
+
+
+def _run_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, RUN_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a training output_dir?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def restore_run_adapter(run_dir: str, step: int | None, base) -> tuple[Any, LoraConfig, int]:
+    """The `lora` item of a run's orbax checkpoint (latest if `step` is None) → (lora, lcfg, step).
+
+    Same restore as `lorarl_jax.export.export_checkpoint`, on an already loaded base.
+    """
+    from lorarl_jax.checkpoint import Checkpointer
+
+    rc = _run_config(run_dir)
+    lcfg = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in rc["lora"].items()})
+    abstract = jax.eval_shape(lambda: init_lora(base, lcfg, jax.random.key(0)))
+    ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), save_interval_steps=1, max_to_keep=None)
+    try:
+        restored = ckpt.restore(step, abstract_state={"lora": abstract, "rng": jax.random.key(0)})
+    finally:
+        ckpt.close()
+    return jax.tree.map(jnp.asarray, restored["lora"]), lcfg, restored["step"]
+
+
+def load_policy(
+    model: str | None,
+    adapter: str | None = None,
+    run_dir: str | None = None,
+    step: int | None = None,
+    dtype: str = "float32",
+) -> Policy:
+    """Base model + merged adapter (PEFT dir or run checkpoint; neither: the base model)."""
+    from transformers import AutoTokenizer
+
+    from lorarl_jax.rl.setup import resolve_model_path, stop_ids_of
+
+    if adapter and run_dir:
+        raise ValueError("give --adapter or --run-dir, not both")
+    if not model:
+        if not run_dir:
+            raise ValueError("--model is required without --run-dir")
+        model = _run_config(run_dir)["resolved_model_path"]
+    model_dir = resolve_model_path(model)
+    cfg, params = hf.load_hf_model(model_dir, dtype=dtype, param_dtype=dtype)
+    what = "none (base model)"
+    if adapter:
+        lora, lcfg = hf.load_peft_adapter(adapter)
+        params, what = merge(params, lora, lcfg.scale), f"PEFT adapter {adapter}"
+    elif run_dir:
+        lora, lcfg, at = restore_run_adapter(run_dir, step, params)
+        params, what = merge(params, lora, lcfg.scale), f"{run_dir} step {at}"
+    tok_dir = model_dir if os.path.isdir(model_dir) else os.path.dirname(model_dir)
+    stop_ids = stop_ids_of(AutoTokenizer.from_pretrained(tok_dir), tok_dir)
+    return Policy(cfg, params, model_dir, tok_dir, stop_ids, what)
+
+
+def make_engine(policy: Policy, **engine_kwargs):
+    from lorarl_jax.sampling.engine import LoraEngine
+
+    return LoraEngine(
+        policy.cfg, policy.params, policy.tokenizer_dir, policy.stop_ids, **engine_kwargs
+    )
+
+
+def start_server(engine, port: int, host: str = "[::]", threads: int | None = None):
+    """Starts JetStream's gRPC server (interleaved prefill/generate on one device); returns it.
+
+    JetStream 0.2.2 binds `server_lib._HOST` ("[::]", all interfaces): `host` replaces it.
+    """
+    from jetstream.core import config_lib, server_lib
+
+    device = engine.mesh.devices.flat[0]
+    config = config_lib.ServerConfig(
+        interleaved_slices=(f"{device.platform}=1",),
+        interleaved_engine_create_fns=(lambda devices: engine,),
+    )
+    server_lib._HOST = host
+    return server_lib.run(port=port, config=config, devices=[device], threads=threads)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="HF dir, .gguf file, or smollm2 / gemma3")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", help="PEFT adapter directory to merge")
+    src.add_argument("--run-dir", help="training output_dir: merge its orbax checkpoint")
+    p.add_argument("--step", type=int, default=None, help="with --run-dir; default: latest")
+    p.add_argument("--host", default="[::]")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--slots", type=int, default=8, help="concurrent decodes (batch rows)")
+    p.add_argument("--max-prefill-length", type=int, default=256, help="16, 32, …, 32768")
+    p.add_argument("--max-target-length", type=int, default=256, help="max new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights + compute)")
+    p.add_argument("--chat-template", action="store_true", help="text requests are user turns")
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    logging.getLogger().setLevel(args.log_level)
+    from lorarl_jax.sampling.sampler import SamplingParams
+
+    greedy = args.temperature == 0
+    sp = SamplingParams(
+        temperature=1.0 if greedy else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=greedy,
+    )
+    policy = load_policy(args.model, args.adapter, args.run_dir, args.step, args.dtype)
+    engine = make_engine(
+        policy,
+        slots=args.slots,
+        max_prefill_length=args.max_prefill_length,
+        max_target_length=args.max_target_length,
+        sampling=sp,
+        seed=args.seed,
+        chat=args.chat_template,
+    )
+    server = start_server(engine, args.port, args.host)
+    print(
+        f"serving {policy.model_dir} + {policy.adapter} on {args.host}:{args.port} "
+        f"({args.slots} slots, {jax.devices()[0].platform})",
+        flush=True,
+    )
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
