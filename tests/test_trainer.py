@@ -107,6 +107,12 @@ def yes_fraction(prompts, completions, **columns):
     return out
 '''
 
+LENGTH_REWARD = '''
+def char_length(prompts, completions, **columns):
+    """Completion length in characters / 100: dense and never constant across a random group."""
+    return [len(c) / 100.0 for c in completions]
+'''
+
 
 def test_reward_rises_on_learnable_task(tiny_model_dir, tmp_path):
     """A real learning signal: GRPO on a random tiny model learns to say 'yes'."""
@@ -278,14 +284,14 @@ def test_algorithm_variants_run_and_update(algo, tiny_model_dir, tmp_path):
     from lorarl_jax.config import from_config_dict
     from lorarl_jax.rl.trainer import train
 
-    fn = tmp_path / "yes_reward.py"
-    fn.write_text(YES_REWARD)  # non-zero, varying rewards so every estimator has a signal
+    fn = tmp_path / "length_reward.py"
+    fn.write_text(LENGTH_REWARD)  # varying rewards whatever is sampled: every estimator has a signal
     c = _smoke_cfg(
         tiny_model_dir,
         tmp_path / "r",
         algo=algo,
         rollout=dict(num_generations=4),
-        data=dict(reward_fns=(f"{fn}:yes_fraction",)),
+        data=dict(reward_fns=(f"{fn}:char_length",)),
     )
     train(from_config_dict(c))
     lines = [x for x in _metric_lines(tmp_path / "r" / "metrics.jsonl") if "actor/loss" in x]
