@@ -285,7 +285,7 @@ def test_algorithm_variants_run_and_update(algo, tiny_model_dir, tmp_path):
     from lorarl_jax.rl.trainer import train
 
     fn = tmp_path / "length_reward.py"
-    fn.write_text(LENGTH_REWARD)  # varying rewards whatever is sampled: every estimator has a signal
+    fn.write_text(LENGTH_REWARD)  # varies whatever is sampled: every estimator has a signal
     c = _smoke_cfg(
         tiny_model_dir,
         tmp_path / "r",
