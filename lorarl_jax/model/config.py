@@ -59,6 +59,17 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
+    quantization: str = "none"  # "nf4": decoder linear kernels stored as NF4 (model/quant.py)
+    double_quant: bool = False  # NF4 scales quantized to 8 bits as well
+
+    @property
+    def dense(self) -> ModelConfig:
+        """The same model with a full-precision base (what a dequantized / merged tree needs)."""
+        return dataclasses.replace(self, quantization="none", double_quant=False)
+
+    def __post_init__(self):
+        if self.quantization not in ("none", "nf4"):
+            raise ValueError(f"quantization must be 'none' or 'nf4', got {self.quantization!r}")
 
     @property
     def is_gemma(self) -> bool:
@@ -97,7 +108,8 @@ def _rope_from(params: dict[str, Any] | None, default_theta: float) -> RopeConfi
 
 
 def from_hf_dict(d: dict[str, Any], **runtime) -> ModelConfig:
-    """Builds a ModelConfig from a HF config dict; `runtime` sets dtype / param_dtype / remat."""
+    """Builds a ModelConfig from a HF config dict; `runtime` sets dtype / param_dtype / remat /
+    quantization / double_quant."""
     from transformers import AutoConfig  # config classes only; no torch is imported
 
     model_type = d.get("model_type")

@@ -5,7 +5,9 @@ transposed (HF Linear weights are [out, in], Flax kernels [in, out]). The same t
 - imports a HF checkpoint directory (single or sharded safetensors),
 - exports merged weights as a HF safetensors directory,
 - names PEFT adapter tensors (`<hf module>.lora_A.weight` is our `lora_a`ᵀ, [r, in]).
-Loading checks every expected tensor and shape and names what is missing or unexpected.
+Loading checks every expected tensor and shape and names what is missing or unexpected. With
+`quantization="nf4"` each decoder linear kernel is quantized as soon as it is read (tensors are
+read one at a time), so a full-precision copy of the whole model never exists.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from lorarl_jax.model import quant
 from lorarl_jax.model.config import ModelConfig, load_config
 from lorarl_jax.model.lora import LoraConfig
 from lorarl_jax.model.transformer import abstract_params
@@ -103,10 +106,33 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+class _LazyTensors:
+    """A safetensors checkpoint whose `items()` reads each tensor only when it is reached. The
+    file is mapped again for each tensor: pages of a mapping held open stay resident."""
+
+    def __init__(self, files: list[str]):
+        from safetensors import safe_open
+
+        self.names = []
+        for path in files:
+            with safe_open(path, framework="flax") as f:
+                self.names += [(k, path) for k in f.keys()]
+
+    def items(self):
+        from safetensors import safe_open
+
+        for name, path in self.names:
+            with safe_open(path, framework="flax") as f:
+                yield name, np.asarray(f.get_tensor(name))
+
+
 def params_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, source: str = ""):
-    """Maps HF-named arrays onto the tree, checking names and shapes against the model."""
-    expected = {p: v for p, v in traverse_util.flatten_dict(nn.unbox(abstract_params(cfg))).items()}
-    flat, unexpected, bad_shape = {}, [], []
+    """Maps HF-named arrays onto the tree, checking names and shapes against the model; an NF4
+    `cfg` gets its decoder linear kernels quantized one tensor at a time."""
+    dense = abstract_params(cfg.dense)
+    expected = {p: v for p, v in traverse_util.flatten_dict(nn.unbox(dense)).items()}
+    nf4 = cfg.quantization == "nf4"
+    flat, seen, unexpected, bad_shape = {}, set(), [], []
     for name, arr in tensors.items():
         hit = hf_to_path(name)
         if hit is None or hit[0] not in expected:
@@ -120,8 +146,10 @@ def params_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, sou
         if arr.shape != expected[path].shape:
             bad_shape.append(f"{name}: {arr.shape} vs expected {expected[path].shape}")
             continue
-        flat[path] = np.asarray(arr, dtype=expected[path].dtype)
-    missing = [path_to_hf(p)[0] for p in expected if p not in flat]
+        leaf = np.asarray(arr, dtype=expected[path].dtype)
+        flat.update(quant.quantize_leaf(path, leaf, cfg.double_quant) if nf4 else {path: leaf})
+        seen.add(path)
+    missing = [path_to_hf(p)[0] for p in expected if p not in seen]
     where = f" in {source}" if source else ""
     problems = []
     if missing:
@@ -149,9 +177,7 @@ def load_hf_model(model_dir: str, shardings=None, **runtime):
         cfg = from_hf_dict(hf_config, **runtime)
     else:
         cfg = load_config(model_dir, **runtime)
-        tensors = {}
-        for f in _safetensor_files(model_dir):
-            tensors.update(read_safetensors(f))
+        tensors = _LazyTensors(_safetensor_files(model_dir))
     params = params_from_hf_tensors(tensors, cfg, model_dir)
     if shardings is None:
         return cfg, jax.tree.map(jax.numpy.asarray, params)

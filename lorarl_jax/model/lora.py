@@ -13,11 +13,15 @@ Design
   pristine base, cast back to the kernel dtype; the base itself is never modified.
 - Logical axes of `lora_a` / `lora_b` are derived from the base kernel's axes (in-axis of A and
   out-axis of B follow the kernel; the rank axis is replicated), so sharding stays consistent.
+- QLoRA: with `quantization="nf4"` the frozen kernel is stored as NF4 leaves (`quant.py`) and
+  dequantized inside the matmul, one layer at a time in the forward and backward passes (see
+  `_nf4_dot`); adapters, `init_lora` and `merge` work on either base.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -25,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+
+from lorarl_jax.model import quant
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA = "lora"  # the adapter collection
@@ -74,13 +80,19 @@ class LoRADense(nn.Module):
     lora_scale: float = 1.0
     lora_dropout: float = 0.0
     deterministic: bool = True
+    quantization: str = "none"  # "nf4": the kernel is stored as NF4 leaves (QLoRA)
+    double_quant: bool = False
 
     @nn.compact
     def __call__(self, x):
-        init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.kernel_axes)
-        kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
         x = x.astype(self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype))
+        shape = (x.shape[-1], self.features)
+        if self.quantization == "nf4":
+            y = _nf4_dot(x, self._nf4_leaves(shape), self.dtype)
+        else:
+            init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.kernel_axes)
+            kernel = self.param("kernel", init, shape, self.param_dtype)
+            y = jnp.dot(x, kernel.astype(self.dtype))
         if self.use_bias:
             binit = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:])
             y = y + self.param("bias", binit, (self.features,), self.param_dtype).astype(self.dtype)
@@ -93,14 +105,66 @@ class LoRADense(nn.Module):
             y = y + (jnp.dot(jnp.dot(h, a), b) * self.lora_scale).astype(self.dtype)
         return y
 
+    def _nf4_leaves(self, shape):
+        """The kernel's NF4 leaves; `init` quantizes one lecun-normal kernel for all of them.
+        (Flax also calls `init` under eval_shape in apply, to check shapes: then any key does.)"""
+        key = self.make_rng("params") if self.is_initializing() else None
+
+        def init(name):
+            def fn(own_key, s, dtype):
+                w = nn.initializers.lecun_normal()(own_key if key is None else key, shape)
+                return quant.quantize_kernel(w, self.double_quant)[name].astype(dtype)
+
+            return fn
+
+        specs = quant.leaf_specs(shape, self.kernel_axes, self.double_quant)
+        return {
+            name: self.param(name, nn.with_logical_partitioning(init(name), axes), s, dtype)
+            for name, (s, dtype, axes) in specs.items()
+        }
+
+
+def _dequantize_after(x, leaves, dtype):
+    """The dense kernel, from codes made to depend on `x` (codes + uint8(0·x₀), which is 0 for any
+    x: XLA converts NaN to 0). Without that data dependency XLA dequantizes every layer up front
+    and keeps the results (they depend on the params alone, so one computation serves the forward
+    and backward passes): the dense base QLoRA avoids; and it hoists dequantization out of the
+    decode loop. (`lax.optimization_barrier` does not stop this: XLA:CPU drops it.)"""
+    zero = (0.0 * x.reshape(-1)[0]).astype(jnp.uint8)
+    leaves = {**leaves, quant.CODES: leaves[quant.CODES] + zero}
+    return quant.dequantize_kernel(leaves).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _nf4_dot(x, leaves, dtype):
+    """x @ dequantize(leaves) with one layer's dense kernel alive at a time: dequantized once the
+    layer's input (forward) or incoming gradient (backward) exists, and again in the backward
+    pass rather than saved. The frozen codes get no gradient."""
+    return jnp.dot(x, _dequantize_after(x, leaves, dtype))
+
+
+def _nf4_dot_fwd(x, leaves, dtype):
+    return _nf4_dot(x, leaves, dtype), leaves
+
+
+def _nf4_dot_bwd(dtype, leaves, g):
+    return jnp.dot(g, _dequantize_after(g, leaves, dtype).T).astype(dtype), None
+
+
+_nf4_dot.defvjp(_nf4_dot_fwd, _nf4_dot_bwd)
+
 
 def _targets(base_params, cfg: LoraConfig) -> dict[tuple[str, ...], tuple[int, int]]:
     """Path of each targeted layer (without the trailing 'kernel') → kernel shape."""
     flat = traverse_util.flatten_dict(nn.unbox(base_params))
     out = {}
     for path, v in flat.items():
-        if path[-1] == "kernel" and len(path) >= 2 and path[-2] in cfg.target_modules:
+        if len(path) < 2 or path[-2] not in cfg.target_modules:
+            continue
+        if path[-1] == "kernel":
             out[path[:-1]] = v.shape
+        elif path[-1] == quant.CODES:  # NF4 base: packed codes [in/2, out]
+            out[path[:-1]] = quant.kernel_shape(v.shape)
     found = {p[-1] for p in out}
     missing = [t for t in cfg.target_modules if t not in found]
     if missing:
@@ -125,14 +189,16 @@ def lora_logical_axes(base_axes, lora_params):
     base_flat = traverse_util.flatten_dict(base_axes)  # axis tuples are non-dict leaves
     out = {}
     for path in traverse_util.flatten_dict(lora_params):
-        k_in, k_out = tuple(base_flat[path[:-1] + ("kernel",)])
+        kernel = path[:-1] + ("kernel",)  # a NF4 layer's packed codes carry the kernel's axes
+        k_in, k_out = tuple(base_flat.get(kernel) or base_flat[path[:-1] + (quant.CODES,)])
         out[path] = (k_in, "lora_rank") if path[-1] == "lora_a" else ("lora_rank", k_out)
     return traverse_util.unflatten_dict(out)
 
 
-def merge(base_params, lora_params, scale: float):
-    """W' = cast(W_fp32 + scale · A_fp32 B_fp32) for every adapted kernel; other leaves as is."""
-    base = nn.unbox(base_params)
+def merge(base_params, lora_params, scale: float, dtype=jnp.float32):
+    """W' = cast(W_fp32 + scale · A_fp32 B_fp32) for every adapted kernel; other leaves as is.
+    NF4 layers of a quantized base are dequantized first (to `dtype`): the result is dense."""
+    base = quant.dequantize_params(nn.unbox(base_params), dtype)
     flat = traverse_util.flatten_dict(base)
     for path, leaves in _adapters(lora_params):
         w = flat[path + ("kernel",)]

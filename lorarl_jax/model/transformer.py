@@ -74,6 +74,8 @@ def _dense(parent, name, features, axes, bias):
         lora_scale=lo.scale if adapt else 1.0,
         lora_dropout=lo.lora_dropout if adapt else 0.0,
         deterministic=parent.deterministic,
+        quantization=cfg.quantization,  # NF4 base (QLoRA): decoder linears only, not lm_head
+        double_quant=cfg.double_quant,
         name=name,
     )
 

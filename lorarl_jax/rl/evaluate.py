@@ -40,15 +40,20 @@ def evaluate(
     stop_ids: tuple[int, ...],
     pad_id: int,
     pad_multiple: int | None = None,
+    generate_fn=generate,
+    lora=None,
+    lcfg=None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Greedy completions for every example → (metrics, per-sample records)."""
+    """Greedy completions for every example → (metrics, per-sample records). `generate_fn`: a
+    stand-in for `sampler.generate` (the trainer's puts host arrays on its mesh). `lora` + `lcfg`:
+    decode with the adapter unmerged (`merged_params` is then the base)."""
     completions, records = [], []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)  # fixed batch shape: one compile
         batch = collate_left_padded(chunk, pad_id, max_prompt_length, pad_multiple)
-        out = generate(
+        out = generate_fn(
             model_cfg,
             merged_params,
             jnp.asarray(batch["input_ids"]),
@@ -59,6 +64,7 @@ def evaluate(
             stop_ids=stop_ids,
             pad_id=pad_id,
             sp=SamplingParams(greedy=True),
+            **({} if lora is None else {"lora": lora, "lcfg": lcfg}),
         )
         texts = decode_responses(tokenizer, out.tokens, out.lengths)[:real]
         completions += texts

@@ -17,17 +17,20 @@ import jax
 import jax.numpy as jnp
 
 from lorarl_jax import data as data_lib
+from lorarl_jax import distributed
 from lorarl_jax import mesh as mesh_lib
 from lorarl_jax.checkpoint import Checkpointer, restore_or_none
 from lorarl_jax.config import RunConfig
 from lorarl_jax.export import RUN_CONFIG
 from lorarl_jax.metrics import MetricsLogger, plot_metrics
-from lorarl_jax.model import hf
-from lorarl_jax.model.lora import LoraConfig, init_lora, lora_logical_axes, merge
+from lorarl_jax.model import hf, quant
+from lorarl_jax.model.lora import LoraConfig, init_lora, lora_logical_axes
 from lorarl_jax.model.transformer import abstract_params
 from lorarl_jax.rl import losses
+from lorarl_jax.rl import sharding as shard_lib
 from lorarl_jax.rl import step as step_lib
 from lorarl_jax.rl.rewards import RewardManager
+from lorarl_jax.sampling import rollout_weights
 from lorarl_jax.sampling.sampler import SamplingParams
 
 
@@ -44,7 +47,10 @@ class Run:
     opt_state: Any
     lr_schedule: Any
     policy_step: Any
-    merge: Any
+    merge: Any  # rollout_weights.make_rollout_weights: (base, lora) → DecodeWeights
+    generate: Any  # sharding.make_generate: host prompts → host Rollout
+    logprobs: Any  # sharding.make_logprobs: (base, lora | None, host batch) → host arrays
+    place: shard_lib.Placement
     sampling: SamplingParams
     stop_ids: tuple[int, ...]
     pad_id: int
@@ -122,6 +128,8 @@ def _load_model(cfg: RunConfig, mesh):
         dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype,
         remat=cfg.model.gradient_checkpointing,
+        quantization=cfg.model.quantization,  # NF4 kernels are quantized as they are read
+        double_quant=cfg.model.double_quant,
     )
     from lorarl_jax.model.config import load_config
 
@@ -130,6 +138,9 @@ def _load_model(cfg: RunConfig, mesh):
     if probe is not None:
         shardings = mesh_lib.param_shardings(abstract_params(probe), mesh)
     model_cfg, base = hf.load_hf_model(model_dir, shardings=shardings, **runtime)
+    if shardings is None:  # a .gguf file: its config is known only once read
+        shardings = mesh_lib.param_shardings(abstract_params(model_cfg), mesh)
+        base = jax.device_put(jax.device_get(base), shardings)
     tok_dir = model_dir if os.path.isdir(model_dir) else os.path.dirname(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     return model_dir, model_cfg, base, tokenizer
@@ -143,22 +154,34 @@ def _init_adapter(cfg: RunConfig, model_cfg, base, key, mesh):
     else:
         lora = init_lora(base, lcfg, key)
     axes = lora_logical_axes(mesh_lib.logical_axes(abstract_params(model_cfg)), lora)
-    lora = jax.device_put(lora, mesh_lib.logical_to_sharding(axes, mesh))
+    # from host copies: every process holds the same values, and places its own shards
+    lora = jax.device_put(jax.device_get(lora), mesh_lib.logical_to_sharding(axes, mesh))
     return lora, lcfg
+
+
+def _rollout_weights(cfg: RunConfig, model_cfg, lcfg: LoraConfig, place):
+    """`rollout.merge`: merged weights (laid out for decode) or base + adapter unmerged."""
+    merged, why = rollout_weights.resolve_merge(cfg.rollout.merge, model_cfg)
+    if model_cfg.quantization != "none" or cfg.rollout.merge != "auto":
+        print(why)
+    merge_fn = shard_lib.jit_merge(place, lcfg.scale, model_cfg.compute_dtype) if merged else None
+    return rollout_weights.make_rollout_weights(model_cfg, lcfg, merge_fn)
 
 
 def build(cfg: RunConfig) -> Run:
     tc, rc, dc = cfg.trainer, cfg.rollout, cfg.data
     os.makedirs(tc.output_dir, exist_ok=True)
+    distributed.initialize(tc)  # before the first JAX computation
     mesh = mesh_lib.make_mesh(tuple(tc.mesh))
-    root = jax.random.key(tc.seed)
+    root = distributed.replicated_key(jax.random.key(tc.seed), mesh)  # saved in checkpoints
     k_lora, k_rollout, k_update = jax.random.split(root, 3)
     model_dir, model_cfg, base, tokenizer = _load_model(cfg, mesh)
     lora, lcfg = _init_adapter(cfg, model_cfg, base, k_lora, mesh)
-    with open(os.path.join(tc.output_dir, RUN_CONFIG), "w") as f:  # what export.py rebuilds from
-        record = dataclasses.asdict(cfg) | {"resolved_model_path": os.path.abspath(model_dir)}
-        record["lora"] = dataclasses.asdict(lcfg)
-        json.dump(record, f, indent=2)
+    if distributed.is_primary():
+        with open(os.path.join(tc.output_dir, RUN_CONFIG), "w") as f:  # what export.py rebuilds
+            record = dataclasses.asdict(cfg) | {"resolved_model_path": os.path.abspath(model_dir)}
+            record["lora"] = dataclasses.asdict(lcfg)
+            json.dump(record, f, indent=2)
     ref_lora = jax.tree.map(jnp.copy, lora) if cfg.algo.reference == "init_adapter" else None
 
     pad_id = data_lib.pad_id_of(tokenizer)
@@ -176,8 +199,10 @@ def build(cfg: RunConfig) -> Run:
         pad_id=pad_id,
         seed=tc.seed,
         shuffle=dc.shuffle,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        # the global batch on every process (deterministic, small): each puts its own rows on
+        # the mesh (sharding.Placement.put), so any process count gives the single-process run
+        process_index=0,
+        process_count=1,
         pad_multiple=dc.pad_multiple,
     )
     data_iter = iter(dataset)
@@ -193,13 +218,29 @@ def build(cfg: RunConfig) -> Run:
             f"algo.micro_batch_size={micro} must be a multiple of rollout.num_generations={n} "
             f"and divide the mini-batch ({per_mb * n} sequences)"
         )
+    batches = {
+        "data.batch_size": dc.batch_size,
+        "algo.ppo_mini_batch_size": per_mb,
+        f"algo.micro_batch_size={micro} / rollout.num_generations={n}": micro // n,
+    }
+    if val_ex:
+        batches["data.val_batch_size"] = dc.val_batch_size
+    shard_lib.check_batch_sizes(mesh, batches)
     tx = step_lib.make_optimizer(cfg.optim, tc.steps * updates_per_step)
-    # scalar counters on the mesh too: the step's outputs are, so the second call hits the cache
-    opt_state = jax.tree.map(
-        lambda x: x if x.ndim else jax.device_put(x, mesh_lib.replicated(mesh)), tx.init(lora)
-    )
+    place = shard_lib.make_placement(mesh, model_cfg, base, lora, tx, lcfg.scale)
+    opt_state = shard_lib.init_opt_state(place, tx, lora)
     policy_step = step_lib.make_policy_step(
-        model_cfg, lcfg, cfg.algo, tx, rc.temperature, n, per_mb * n // micro
+        model_cfg,
+        lcfg,
+        cfg.algo,
+        tx,
+        rc.temperature,
+        n,
+        per_mb * n // micro,
+        shardings=place.step_shardings(),
+    )
+    logprobs = shard_lib.make_logprobs(
+        place, model_cfg, lcfg, n=n, temperature=rc.temperature, chunk=cfg.algo.logprob_chunk
     )
     a = cfg.algo
     kl_ctl = (
@@ -211,7 +252,10 @@ def build(cfg: RunConfig) -> Run:
     if a.adv_estimator == "gae":
         from lorarl_jax.rl.critic import Critic
 
-        critic = Critic.create(model_cfg, base, cfg.critic, tc.steps * updates_per_step, k_update)
+        # full-parameter critic: an NF4 base is dequantized for it (it trains every weight)
+        dense = quant.dequantize_params(base, model_cfg.param_dtype)
+        total = tc.steps * updates_per_step
+        critic = Critic.create(model_cfg.dense, dense, cfg.critic, total, k_update)
     reward = RewardManager(dc.reward_fns, dc.reward_weights or None, dc.reward_timeout_s)
     ckpt = None
     if tc.ckpt_interval or tc.resume:
@@ -233,7 +277,10 @@ def build(cfg: RunConfig) -> Run:
         opt_state=opt_state,
         lr_schedule=step_lib.lr_schedule(cfg.optim, tc.steps * updates_per_step),
         policy_step=policy_step,
-        merge=jax.jit(lambda b, lo: merge(b, lo, lcfg.scale)),
+        merge=_rollout_weights(cfg, model_cfg, lcfg, place),
+        generate=shard_lib.make_generate(place),
+        logprobs=logprobs,
+        place=place,
         sampling=SamplingParams(rc.temperature, rc.top_k, rc.top_p),
         stop_ids=stop_ids_of(tokenizer, model_dir),
         pad_id=pad_id,
@@ -259,8 +306,12 @@ def build(cfg: RunConfig) -> Run:
                 "to continue, or choose another trainer.output_dir (nothing was overwritten)"
             )
         _maybe_resume(run)
-    run.logger = MetricsLogger(
-        tc.output_dir, tc.steps, tc.tensorboard, start_step=run.step + 1 if run.step else 0
+    run.logger = (
+        MetricsLogger(
+            tc.output_dir, tc.steps, tc.tensorboard, start_step=run.step + 1 if run.step else 0
+        )
+        if distributed.is_primary()
+        else distributed.NullLogger()
     )
     return run
 
@@ -306,11 +357,14 @@ def export_final(run: Run) -> dict:
     out = {}
     if run.ckpt is not None:
         run.ckpt.close()
+    lora = distributed.to_host(run.lora) if tc.export_adapter else None  # every process
+    run.logger.close()
+    if not distributed.is_primary():
+        return out
     if tc.export_adapter:
         path = os.path.join(tc.output_dir, "adapter")
-        hf.save_peft_adapter(jax.device_get(run.lora), run.lcfg, path, base_model=run.model_dir)
+        hf.save_peft_adapter(lora, run.lcfg, path, base_model=run.model_dir)
         out["adapter"] = path
-    run.logger.close()
     png = os.path.join(tc.output_dir, "curves.png")
     if plot_metrics(os.path.join(tc.output_dir, "metrics.jsonl"), png):
         out["curves"] = png

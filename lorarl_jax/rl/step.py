@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lorarl_jax.config import AlgoCfg, OptimCfg
 from lorarl_jax.model.config import ModelConfig
@@ -123,19 +124,34 @@ def make_policy_step(
     temperature: float,
     n: int,
     n_micro: int = 1,
+    shardings=None,
 ):
     """Returns jitted `step(lora, opt_state, base, batch, key) → (lora, opt_state, metrics)`.
 
     `n` samples per prompt; the batch's prompts are split into `n_micro` micro-batches (each
-    keeps whole groups, so prompts are still computed once per group)."""
+    keeps whole groups, so prompts are still computed once per group). `shardings`: the
+    `(lora, opt_state, base, batch)` shardings (`rl/sharding.py`), which the step keeps: the
+    updated adapter and optimizer state come out as they went in (donated, updated in place),
+    each micro-batch stays split over the batch axes, key and metrics are replicated."""
     loss_fn = functools.partial(
         policy_loss_fn, cfg=cfg, lcfg=lcfg, algo=algo, temperature=temperature, n=n
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    jit_kw, micro_sh = {}, None
+    if shardings is not None:
+        lora_sh, opt_sh, base_sh, batch_sh = shardings
+        repl = NamedSharding(batch_sh.mesh, PartitionSpec())
+        micro_sh = NamedSharding(batch_sh.mesh, PartitionSpec(None, *batch_sh.spec))
+        jit_kw = dict(
+            in_shardings=(lora_sh, opt_sh, base_sh, batch_sh, repl),
+            out_shardings=(lora_sh, opt_sh, repl),
+        )
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnums=(0, 1), **jit_kw)
     def step(lora, opt_state, base, batch, key):
         micro = _split_micro(batch, n_micro)
+        if micro_sh is not None and n_micro > 1:  # [M, rows/M, ...]: scan over M, rows split
+            micro = jax.lax.with_sharding_constraint(micro, micro_sh)
         keys = jax.random.split(key, n_micro)
 
         def acc(carry, xs):

@@ -7,6 +7,7 @@ run repeats exactly what an uninterrupted one would have done.
 
 Per step (verl's order):
   merged = merge(base, lora)                      once, fp32 math, for the sampler only
+                                                  (rollout.merge=never: base + adapter as is)
   rollout = generate(merged, prompts, n)          tokens, response mask, sampler log-probs
   scores = rewards(completions)                   per sequence, on the last response token
   old_logp = π_θ(tokens), ref_logp = π_ref(tokens)   π_ref = base without adapter (zero delta)
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorarl_jax import distributed
 from lorarl_jax.config import RunConfig
 from lorarl_jax.rl import advantages as adv_lib
 from lorarl_jax.rl import losses
@@ -37,8 +39,6 @@ from lorarl_jax.rl.experience import (
     trim_length,
 )
 from lorarl_jax.rl.setup import Run, build, export_final, save_checkpoint
-from lorarl_jax.rl.step import compute_logprobs
-from lorarl_jax.sampling.sampler import generate
 
 
 def _masked_mean(x, mask):
@@ -50,25 +50,26 @@ def rollout_step(run: Run, batch, step: int):
     """Generation + scoring + reference/old log-probs + advantages → (train batch, metrics)."""
     cfg, rc = run.cfg, run.cfg.rollout
     t0 = time.perf_counter()
-    merged = run.merge(run.base, run.lora)
-    jax.block_until_ready(merged)
+    w = run.merge(run.base, run.lora)  # merged, or base + adapter unmerged (rollout.merge)
+    jax.block_until_ready(w.params)
     t_merge = time.perf_counter() - t0
     key = jax.random.fold_in(run.keys["rollout"], step)
     n = rc.num_generations
-    out = generate(
-        run.model_cfg,
-        merged,
-        jnp.asarray(batch["input_ids"]),
-        jnp.asarray(batch["attention_mask"]),
+    out = run.generate(  # host prompts in, host (replicated) rollout out
+        w.cfg,
+        w.params,
+        batch["input_ids"],
+        batch["attention_mask"],
         key,
         n=n,
         max_new_tokens=rc.max_new_tokens,
         stop_ids=run.stop_ids,
         pad_id=run.pad_id,
         sp=run.sampling,
+        lora=w.lora,
+        lcfg=w.lcfg,
     )
-    out = jax.device_get(out)
-    del merged
+    del w
     t_rollout = time.perf_counter() - t0 - t_merge
 
     texts = decode_responses(run.tokenizer, out.tokens, out.lengths)
@@ -76,6 +77,7 @@ def rollout_step(run: Run, batch, step: int):
     columns = {k: [v for v in batch[k] for _ in range(n)] for k in run.reward_columns}
     t1 = time.perf_counter()
     scores, rmetrics = run.reward(prompts, texts, columns)
+    scores = distributed.same_on_all_processes(scores)  # e.g. a timeout on one host only
     t_reward = time.perf_counter() - t1
 
     Nk = trim_length(out.mask, rc.response_bucket)
@@ -87,24 +89,15 @@ def rollout_step(run: Run, batch, step: int):
         "response_mask": np.asarray(rmask, np.int32),
     }
     t2 = time.perf_counter()
-    lp = lambda lora, lcfg: compute_logprobs(  # noqa: E731
-        run.model_cfg,
-        lcfg,
-        run.base,
-        lora,
-        jax.tree.map(jnp.asarray, seqs),
-        n=n,
-        temperature=rc.temperature,
-        chunk=cfg.algo.logprob_chunk,
-    )
+    lp = lambda lora: run.logprobs(run.base, lora, seqs)  # noqa: E731
     # π_old needs its own forward only when the update is off-policy (several epochs or
     # mini-batches); on-policy the step uses its own detached log-probs.
     old_logp = entropy = None
     if run.off_policy or cfg.algo.use_kl_in_reward:
-        old_logp, entropy = jax.device_get(lp(run.lora, run.lcfg))
+        old_logp, entropy = lp(run.lora)
     ref_logp = None
     if cfg.algo.use_kl_loss or cfg.algo.use_kl_in_reward:  # π_ref: zero delta or initial adapter
-        ref_logp = jax.device_get(lp(run.ref_lora, run.lcfg if run.ref_lora else None)[0])
+        ref_logp = lp(run.ref_lora)[0]
     t_logp = time.perf_counter() - t2
 
     token_scores = outcome_token_scores(scores, rmask)
@@ -184,10 +177,9 @@ def update_step(run: Run, tb, step: int):
     for epoch in range(algo.ppo_epochs):  # mini-batches of whole groups (prompt + its n rows)
         for i, pidx in enumerate(minibatch_indices(prompts, per_mb, rng, shuffle=prompts > per_mb)):
             ridx = (pidx[:, None] * n + np.arange(n)[None, :]).reshape(-1)
-            mb = {
-                k: jnp.asarray(v[pidx] if k.startswith("prompt_") else v[ridx])
-                for k, v in tb.items()
-            }
+            mb = run.place.put(
+                {k: v[pidx] if k.startswith("prompt_") else v[ridx] for k, v in tb.items()}
+            )
             key = jax.random.fold_in(jax.random.fold_in(run.keys["update"], step), epoch * 997 + i)
             run.lora, run.opt_state, m = run.policy_step(run.lora, run.opt_state, run.base, mb, key)
             if run.critic is not None:
@@ -206,10 +198,10 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
         return {}
     rc = run.cfg.rollout
     t0 = time.perf_counter()
-    merged = run.merge(run.base, run.lora)
+    w = run.merge(run.base, run.lora)
     metrics, records = evaluate(
-        run.model_cfg,
-        merged,
+        w.cfg,
+        w.params,
         run.val_examples,
         run.tokenizer,
         run.val_reward,
@@ -219,8 +211,13 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
         stop_ids=run.stop_ids,
         pad_id=run.pad_id,
         pad_multiple=run.cfg.data.pad_multiple,
+        generate_fn=run.generate,
+        lora=w.lora,
+        lcfg=w.lcfg,
     )
     metrics["time/eval"] = time.perf_counter() - t0
+    if not distributed.is_primary():
+        return metrics
     path = os.path.join(run.cfg.trainer.output_dir, f"val_samples_step{step}.jsonl")
     with open(path, "w") as f:
         for r in records[:50]:

@@ -1,8 +1,11 @@
 """KV-cache sampler on merged weights: jitted prefill, insert and decode primitives.
 
 Design
-- The trainer merges the adapter into the base once per RL step; the sampler only ever sees plain
-  params (`Transformer(cfg)` without a LoRA collection), so decode pays no adapter compute.
+- The trainer merges the adapter into the base once per RL step, so decode pays no adapter
+  compute (`Transformer(cfg)` without a LoRA collection). With a quantized base and
+  `rollout.merge=never` it passes `lora` + `lcfg` instead, and every function below applies
+  `Transformer(cfg, lcfg)` to {params, lora}: the adapter unmerged, the NF4 base dequantized per
+  layer (see `rollout_weights.py` for the trade-off).
 - A `DecodeState` holds, per slot (row): the KV cache [B, K, S, Dh], which cache slots are valid,
   the next write slot, the next RoPE position, the last token and a done flag. `prefill` builds one
   from a left-padded prompt batch; `insert` copies prefilled rows into slots of a larger state (what
@@ -29,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from lorarl_jax.model.config import ModelConfig
+from lorarl_jax.model.lora import LORA, LoraConfig
 from lorarl_jax.model.transformer import Transformer, init_cache, positions_from_mask
 
 
@@ -148,18 +152,25 @@ def sample_token(logits_BxV, key, sp: SamplingParams):
     return tok.astype(jnp.int32), (x_tok - m_B) - log_z
 
 
-def prefill(cfg: ModelConfig, params, tokens_BxP, mask_BxP, cache_len: int):
+def _model(cfg: ModelConfig, params, lora=None, lcfg: LoraConfig | None = None):
+    """(module, variables): the plain model, or base + unmerged adapter when `lora` is given."""
+    if lora is None:
+        return Transformer(cfg), {"params": params}
+    return Transformer(cfg, lcfg), {"params": params, LORA: lora}
+
+
+def prefill(cfg: ModelConfig, params, tokens_BxP, mask_BxP, cache_len: int, lora=None, lcfg=None):
     """Runs the prompt through the model, filling slots [0, P) → (last_logits_BxV, DecodeState)."""
     B, P = tokens_BxP.shape
-    model = Transformer(cfg)
+    model, variables = _model(cfg, params, lora, lcfg)
     cache = init_cache(cfg, B, cache_len)
     kv_mask = jnp.zeros((B, cache_len), jnp.int32).at[:, :P].set(mask_BxP.astype(jnp.int32))
     positions = positions_from_mask(mask_BxP)
     h, cache = model.apply(
-        {"params": params}, tokens_BxP, positions, kv_mask, cache, jnp.int32(0), return_hidden=True
+        variables, tokens_BxP, positions, kv_mask, cache, jnp.int32(0), return_hidden=True
     )
     # the LM head only at the last position: [B, P, V] logits would cost P times more
-    logits = model.apply({"params": params}, h[:, -1:], method=Transformer.logits_from_hidden)
+    logits = model.apply(variables, h[:, -1:], method=Transformer.logits_from_hidden)
     state = DecodeState(
         cache=cache,
         kv_mask=kv_mask,
@@ -185,7 +196,7 @@ def repeat_rows(state: DecodeState, n: int) -> DecodeState:
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), state)
 
 
-def decode_step(cfg: ModelConfig, params, state: DecodeState, slot=None):
+def decode_step(cfg: ModelConfig, params, state: DecodeState, slot=None, lora=None, lcfg=None):
     """Feeds `state.token` at each row's slot → (logits_BxV, advanced state without new token).
 
     `slot`: when every row writes the same cache slot (as in `generate`), that slot as a scalar;
@@ -200,8 +211,9 @@ def decode_step(cfg: ModelConfig, params, state: DecodeState, slot=None):
         kv_mask = jax.lax.dynamic_update_slice(
             state.kv_mask, jnp.ones((B, 1), jnp.int32), (0, slot)
         )
-    logits, cache = Transformer(cfg).apply(
-        {"params": params},
+    model, variables = _model(cfg, params, lora, lcfg)
+    logits, cache = model.apply(
+        variables,
         state.token[:, None],
         state.pos[:, None],
         kv_mask,
@@ -217,7 +229,7 @@ def _is_stop(tok_B, stop_ids):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "n", "max_new_tokens", "stop_ids", "pad_id", "sp")
+    jax.jit, static_argnames=("cfg", "n", "max_new_tokens", "stop_ids", "pad_id", "sp", "lcfg")
 )
 def generate(
     cfg: ModelConfig,
@@ -231,11 +243,14 @@ def generate(
     stop_ids: tuple[int, ...],
     pad_id: int,
     sp: SamplingParams,
+    lora=None,
+    lcfg: LoraConfig | None = None,
 ) -> Rollout:
-    """Samples `n` continuations per prompt with a KV cache; see the module docstring."""
+    """Samples `n` continuations per prompt with a KV cache; see the module docstring. With
+    `lora` (and its `lcfg`), decodes base + adapter unmerged."""
     B, P = tokens_BxP.shape
     N = max_new_tokens
-    last_logits, state = prefill(cfg, params, tokens_BxP, mask_BxP, P + N)
+    last_logits, state = prefill(cfg, params, tokens_BxP, mask_BxP, P + N, lora, lcfg)
     state = repeat_rows(state, n)
     last_logits = jnp.repeat(last_logits, n, axis=0)
     R = B * n
@@ -251,7 +266,7 @@ def generate(
 
     def body(carry):
         t, state, out_tok, out_lp, key = carry
-        logits, state = decode_step(cfg, params, state, slot=P + t - 1)  # rows share the slot
+        logits, state = decode_step(cfg, params, state, P + t - 1, lora, lcfg)  # one shared slot
         key, sub = jax.random.split(key)
         tok, lp = sample_token(logits, sub, sp)
         tok = jnp.where(state.done, pad_id, tok)

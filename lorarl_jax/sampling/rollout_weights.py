@@ -1,0 +1,102 @@
+"""Which weights rollouts decode on: `rollout.merge = auto | always | never`.
+
+- `always`: once per RL step, W' = dequant(W) + s·A·B (fp32 math, stored in the compute dtype) for
+  every adapted layer, and NF4 layers dequantized; decode runs on these plain dense params. The
+  fastest decode (one matmul per layer, no adapter or dequantization work per token), for the
+  memory of a dense copy of the weights while the rollout runs: for an NF4 base that is ~3.6×
+  (bf16) to ~7× (fp32) the packed linear weights, i.e. the saving QLoRA made.
+- `never`: decode on the base as stored + the adapter unmerged (`Transformer(cfg, lcfg)` on
+  {params, lora}). No extra weight memory; every decode step pays the dequantization of every
+  NF4 layer and the two thin adapter matmuls of every adapted layer.
+- `auto`: a full-precision base is merged (its merged copy is what rollouts always used); an NF4
+  base is merged when the dense linear weights fit in half of the free device memory (the rest is
+  left for the KV cache and activations), decoded unmerged otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from lorarl_jax.model import lora as lora_lib
+from lorarl_jax.model import quant
+from lorarl_jax.model.config import ModelConfig
+from lorarl_jax.model.lora import LoraConfig
+from lorarl_jax.model.transformer import abstract_params
+
+FREE_FRACTION = 0.5  # `auto` merges an NF4 base whose dense copy fits in this share of free memory
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeWeights:
+    """What `generate` gets: `cfg` and `params`, plus the adapter when it is not merged."""
+
+    cfg: ModelConfig
+    params: Any
+    lora: Any = None
+    lcfg: LoraConfig | None = None
+
+
+def dense_linear_bytes(cfg: ModelConfig) -> int:
+    """Bytes of the decoder linear kernels dequantized to the compute dtype (the merged copy)."""
+    flat = traverse_util.flatten_dict(nn.unbox(abstract_params(cfg.dense)))
+    n = sum(
+        int(np.prod(v.shape))
+        for p, v in flat.items()
+        if p[-1] == "kernel" and p[-2] in quant.LINEAR_LAYERS
+    )
+    return n * cfg.compute_dtype.itemsize
+
+
+def free_device_bytes(device=None) -> int | None:
+    """Free memory of an accelerator (its allocator's limit − in use), or the host's available
+    memory on CPU; None when neither is known."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kb * 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def resolve_merge(mode: str, cfg: ModelConfig, free_bytes: int | None = None) -> tuple[bool, str]:
+    """(merge?, reason) for `rollout.merge`; see the module docstring."""
+    if mode in ("always", "never"):
+        return mode == "always", f"rollout.merge={mode}"
+    if mode != "auto":
+        raise ValueError(f"rollout.merge must be auto, always or never, got {mode!r}")
+    if cfg.quantization == "none":
+        return True, "rollout.merge=auto: full-precision base, merged"
+    need = dense_linear_bytes(cfg)
+    free = free_device_bytes() if free_bytes is None else free_bytes
+    if free is None:
+        return False, "rollout.merge=auto: free device memory unknown, adapter kept unmerged"
+    fits = need <= FREE_FRACTION * free
+    verdict = "merged" if fits else "adapter kept unmerged"
+    gib = 2.0**30
+    return fits, (
+        f"rollout.merge=auto: dense weights {need / gib:.2f} GiB vs {free / gib:.2f} GiB free → "
+        f"{verdict}"
+    )
+
+
+def make_rollout_weights(cfg: ModelConfig, lcfg: LoraConfig, merge_fn=None):
+    """`fn(base, lora) → DecodeWeights`: merged by `merge_fn(base, lora)` (e.g. `jit_merge` of
+    rl/sharding.py, laid out for decode) or, when it is None, base and adapter passed through."""
+    if merge_fn is None:
+        return lambda base, lora: DecodeWeights(cfg, base, lora, lcfg)
+    return lambda base, lora: DecodeWeights(cfg.dense, merge_fn(base, lora))
+
+
+def jit_merge(cfg: ModelConfig, lcfg: LoraConfig):
+    """A plain jitted merge (single device): NF4 layers dequantized to the compute dtype."""
+    return jax.jit(lambda b, lo: lora_lib.merge(b, lo, lcfg.scale, cfg.compute_dtype))
