@@ -20,29 +20,45 @@ from lorarl_jax.model.lora import LoraConfig, init_lora, merge
 RUN_CONFIG = "run_config.json"
 
 
-def export_checkpoint(run_dir: str, step: int | None, peft_dir: str | None, merged_dir: str | None):
+def read_run_config(run_dir: str) -> dict:
     path = os.path.join(run_dir, RUN_CONFIG)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {run_dir} a training output_dir?")
     with open(path) as f:
-        rc = json.load(f)
-    model_dir = rc["resolved_model_path"]
+        return json.load(f)
+
+
+def base_quantization(rc: dict) -> dict:
+    """The run's base-loading options: an NF4 run's policy is its adapter on the NF4 base."""
+    m = rc.get("model", {})
+    return dict(
+        quantization=m.get("quantization", "none"), double_quant=m.get("double_quant", False)
+    )
+
+
+def restore_adapter(run_dir: str, step: int | None, base, rc: dict | None = None):
+    """The `lora` item of a run's orbax checkpoint (latest if `step` is None) on a loaded base
+    → (lora, LoraConfig, step)."""
+    rc = rc or read_run_config(run_dir)
     lcfg = LoraConfig(
         **{k: (tuple(v) if isinstance(v, list) else v) for k, v in rc["lora"].items()}
     )
-    # an NF4 run's policy is its adapter on the dequantized NF4 base: the merged export is that
-    m = rc.get("model", {})
-    q = dict(quantization=m.get("quantization", "none"), double_quant=m.get("double_quant", False))
-    cfg, base = hf.load_hf_model(model_dir, **q)
     abstract = jax.eval_shape(lambda: init_lora(base, lcfg, jax.random.key(0)))
     ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), save_interval_steps=1, max_to_keep=None)
     try:
         restored = ckpt.restore(step, abstract_state={"lora": abstract, "rng": jax.random.key(0)})
     finally:
         ckpt.close()
-    lora = jax.tree.map(jnp.asarray, restored["lora"])
+    return jax.tree.map(jnp.asarray, restored["lora"]), lcfg, restored["step"]
+
+
+def export_checkpoint(run_dir: str, step: int | None, peft_dir: str | None, merged_dir: str | None):
+    rc = read_run_config(run_dir)
+    model_dir = rc["resolved_model_path"]
+    cfg, base = hf.load_hf_model(model_dir, **base_quantization(rc))
+    lora, lcfg, at = restore_adapter(run_dir, step, base, rc)
     if peft_dir:
         hf.save_peft_adapter(jax.device_get(lora), lcfg, peft_dir, base_model=model_dir)
     if merged_dir:
         hf.save_hf_model(merge(base, lora, lcfg.scale), merged_dir, src_dir=model_dir)
-    return restored["step"]
+    return at

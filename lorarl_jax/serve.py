@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
@@ -25,9 +24,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorarl_jax.export import RUN_CONFIG
+from lorarl_jax.export import base_quantization, read_run_config, restore_adapter
 from lorarl_jax.model import hf
-from lorarl_jax.model.lora import LoraConfig, init_lora, merge
+from lorarl_jax.model.lora import merge
 
 
 @dataclasses.dataclass
@@ -38,32 +37,6 @@ class Policy:
     tokenizer_dir: str
     stop_ids: tuple[int, ...]
     adapter: str  # what was merged, for the log
-
-
-def _run_config(run_dir: str) -> dict:
-    path = os.path.join(run_dir, RUN_CONFIG)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a training output_dir?")
-    with open(path) as f:
-        return json.load(f)
-
-
-def restore_run_adapter(run_dir: str, step: int | None, base) -> tuple[Any, LoraConfig, int]:
-    """The `lora` item of a run's orbax checkpoint (latest if `step` is None) → (lora, lcfg, step).
-
-    Same restore as `lorarl_jax.export.export_checkpoint`, on an already loaded base.
-    """
-    from lorarl_jax.checkpoint import Checkpointer
-
-    rc = _run_config(run_dir)
-    lcfg = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in rc["lora"].items()})
-    abstract = jax.eval_shape(lambda: init_lora(base, lcfg, jax.random.key(0)))
-    ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), save_interval_steps=1, max_to_keep=None)
-    try:
-        restored = ckpt.restore(step, abstract_state={"lora": abstract, "rng": jax.random.key(0)})
-    finally:
-        ckpt.close()
-    return jax.tree.map(jnp.asarray, restored["lora"]), lcfg, restored["step"]
 
 
 def load_policy(
@@ -83,16 +56,18 @@ def load_policy(
     if not model:
         if not run_dir:
             raise ValueError("--model is required without --run-dir")
-        model = _run_config(run_dir)["resolved_model_path"]
+        model = read_run_config(run_dir)["resolved_model_path"]
     model_dir = resolve_model_path(model)
-    cfg, params = hf.load_hf_model(model_dir, dtype=dtype, param_dtype=dtype)
+    quant = base_quantization(read_run_config(run_dir)) if run_dir else {}
+    cfg, params = hf.load_hf_model(model_dir, dtype=dtype, param_dtype=dtype, **quant)
     what = "none (base model)"
     if adapter:
         lora, lcfg = hf.load_peft_adapter(adapter)
         params, what = merge(params, lora, lcfg.scale), f"PEFT adapter {adapter}"
     elif run_dir:
-        lora, lcfg, at = restore_run_adapter(run_dir, step, params)
-        params, what = merge(params, lora, lcfg.scale), f"{run_dir} step {at}"
+        lora, lcfg, at = restore_adapter(run_dir, step, params)  # an NF4 run: on its NF4 base
+        params, what = merge(params, lora, lcfg.scale, jnp.dtype(dtype)), f"{run_dir} step {at}"
+        cfg = cfg.dense
     tok_dir = model_dir if os.path.isdir(model_dir) else os.path.dirname(model_dir)
     stop_ids = stop_ids_of(AutoTokenizer.from_pretrained(tok_dir), tok_dir)
     return Policy(cfg, params, model_dir, tok_dir, stop_ids, what)
