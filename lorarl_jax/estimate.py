@@ -205,4 +205,7 @@ def main(argv=None) -> dict[str, Breakdown]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:  # a bad argument: one line, not a traceback
+        sys.exit(f"error: {e}")

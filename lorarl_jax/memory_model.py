@@ -17,9 +17,14 @@ Design
   Uneven splits round up.
 - Activations: what the compiled step keeps for the backward pass, per layer and token, read from
   XLA's buffer assignment of our step (SmolLM2 / Llama and Gemma 3, fp32): see `layer_elems`.
-  XLA:CPU does not honour remat (it schedules the recomputation early and keeps it alive; a toy
-  8-layer MLP grows from 200 to 256 MiB of temp with jax.checkpoint), so the remat figure (block
-  inputs + one block) is the design value, not validated on this machine.
+  With remat a layer keeps its input (and K/V cache) and one layer is recomputed at a time.
+- Numbers assume XLA schedules for memory, as on accelerators. XLA:CPU's default scheduler does
+  not (it keeps 50–85% of the merge's fp32 A·B products live); this one does, and
+  `scripts/bench_memory.py` uses it:
+      XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED
+  Remat is the design value: XLA:CPU honours it in this unrolled decoder for ~4 layers only
+  (3.5 MiB/layer kept, 3.3 predicted), then keeps ~40 MiB/layer as without remat; it is not
+  validated on accelerators.
 """
 
 from __future__ import annotations
@@ -331,9 +336,8 @@ def logprob_work_bytes(cfg: ModelConfig, wl: Workload, prec: Precision, mesh) ->
 
 
 def merge_work_bytes(adapted: list[Leaf], mesh) -> int:
-    """The jitted merge computes A·B in fp32 for every adapted kernel; XLA's memory analysis of
-    it keeps half of those products live at once (0.50 on SmolLM2 and on Gemma 3)."""
-    return leaf_bytes(adapted, mesh, 4) // 2
+    """The merge's fp32 A·B product of one adapted kernel at a time (the largest)."""
+    return max((shard_elems(x, mesh) * 4 for x in adapted), default=0)
 
 
 def _qlora_weights(cfg: ModelConfig, prec: Precision, mesh) -> tuple[int, int, int]:
@@ -346,10 +350,8 @@ def _qlora_weights(cfg: ModelConfig, prec: Precision, mesh) -> tuple[int, int, i
     nf4 = [x for x in leaves if x.path[-1] in quant.LEAVES]
     rest = [x for x in leaves if x.path[-1] not in quant.LEAVES]
     linear = [x for x in param_leaves(cfg) if is_linear(x)]
-    dec = mesh_lib.DECODE_RULES
-    merged = leaf_bytes(linear, mesh, _itemsize(prec.dtype), dec) + leaf_bytes(
-        rest, mesh, None, dec
-    )
+    dec, e = mesh_lib.DECODE_RULES, _itemsize(prec.dtype)
+    merged = leaf_bytes(linear, mesh, e, dec) + leaf_bytes(rest, mesh, None, dec)
     return leaf_bytes(nf4, mesh), leaf_bytes(rest, mesh), merged
 
 

@@ -23,6 +23,15 @@ Reported per case:
   minus the baseline are the data the estimator predicts; the compiler's own peak is listed apart
   (it is not what a GPU/TPU user pays).
 - optimizer-state bytes (sum of the optax state's nbytes).
+XLA:CPU's default scheduler optimizes for concurrency, not memory: it keeps 50-85% of the merge's
+fp32 A·B products live and runs remat's recomputation early. Accelerators schedule for memory, so
+the cases run with `--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`
+(`--cpu-scheduler default`: XLA's default; the train-step analysis is the same within 1-5%).
+`lora+remat` (`model.gradient_checkpointing`) checks the estimator's remat column: XLA:CPU honours
+remat in this unrolled decoder up to ~4 layers only (3.5 MiB/layer kept vs 3.3 predicted; from 8
+layers on each layer keeps ~40 MiB again), so those rows measure well above the estimate.
+The RSS of the small phases also holds ~100-200 MiB of XLA:CPU runtime memory (kept once the
+programs have run) and buffers of the previous phase not yet freed; the estimator has neither.
 XLA:CPU keeps ~110-150 MiB of runtime memory once its programs have run (RSS left after a step
 above the state, whatever the model size); it is listed as `runtime`, and is in the step peak.
 """
@@ -43,6 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MiB = 2.0**20
+MEMORY_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 HF_CACHE = Path.home() / ".cache" / "lorarl_jax" / "hf"
 
 
@@ -108,15 +118,17 @@ def _nbytes(tree) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(tree) if hasattr(x, "nbytes"))
 
 
-def run_case(model: str, mode: str, args) -> dict:
+def compile_case(model: str, case_mode: str, args):
+    """Everything one case runs, compiled from shapes alone (XLA's memory analysis comes with it):
+    rollout (`generate`, after `merge` for LoRA), reference log-probs, advantages, policy step."""
+    import types
+
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
 
     from lorarl_jax.config import AlgoCfg, OptimCfg
-    from lorarl_jax.model import hf
     from lorarl_jax.model.config import load_config
     from lorarl_jax.model.lora import LoraConfig, init_lora, merge
     from lorarl_jax.model.transformer import abstract_params
@@ -126,73 +138,83 @@ def run_case(model: str, mode: str, args) -> dict:
 
     B, n, P, N, C = args.batch, args.n, args.prompt_len, args.new_tokens, args.chunk
     R, S, i32, f32 = B * n, jax.ShapeDtypeStruct, jnp.int32, jnp.float32
-    runtime = dict(dtype="float32", param_dtype="float32")
+    mode, remat = case_mode.split("+")[0], case_mode.endswith("+remat")
+    runtime = dict(dtype="float32", param_dtype="float32", remat=remat)
     runtime |= {"quantization": "nf4"} if mode == "qlora" else {}
-    model_dir = str(HF_CACHE / model)
-    cfg = load_config(model_dir, **runtime)
+    cfg = load_config(str(HF_CACHE / model), **runtime)
     lcfg = LoraConfig(r=args.rank, lora_alpha=2.0 * args.rank)
     algo = AlgoCfg(logprob_chunk=C)  # GRPO, low_var_kl loss (coef 0.001), token-mean
-    base_abs = nn.unbox(abstract_params(cfg))
+    c = types.SimpleNamespace(mode=mode, cfg=cfg, lcfg=lcfg, runtime=runtime, merge=None)
+    c.base_abs = nn.unbox(abstract_params(cfg))
     if mode == "full":
-        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(OptimCfg().lr))
-        train_abs, step = base_abs, full_step(cfg, algo, tx, 1.0, n)
+        c.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(OptimCfg().lr))
+        train_abs, step = c.base_abs, full_step(cfg, algo, c.tx, 1.0, n)
     else:
-        tx = step_lib.make_optimizer(OptimCfg(), 10)
-        train_abs = jax.eval_shape(lambda: init_lora(base_abs, lcfg, jax.random.key(0)))
-        step = step_lib.make_policy_step(cfg, lcfg, algo, tx, 1.0, n)
-    opt_abs = jax.eval_shape(tx.init, train_abs)
-    key = jax.random.key(0)
-    prompts_abs = S((B, P), i32)
-    batch_abs = dict(prompt_tokens=prompts_abs, prompt_mask=prompts_abs, responses=S((R, N), i32),
-                     response_mask=S((R, N), i32), advantages=S((R, N), f32))  # fmt: skip
+        c.tx = step_lib.make_optimizer(OptimCfg(), 10)
+        train_abs = jax.eval_shape(lambda: init_lora(c.base_abs, lcfg, jax.random.key(0)))
+        step = step_lib.make_policy_step(cfg, lcfg, algo, c.tx, 1.0, n)
+    key, prompts = jax.random.key(0), S((B, P), i32)
+    batch = dict(prompt_tokens=prompts, prompt_mask=prompts, responses=S((R, N), i32),
+                 response_mask=S((R, N), i32), advantages=S((R, N), f32))  # fmt: skip
     gen_kw = dict(n=n, max_new_tokens=N, stop_ids=(-1,), pad_id=0, sp=SamplingParams())
-
-    # 1. Compile every program from shapes alone (XLA's memory analysis comes with it).
     if mode == "lora":  # rollout on merged weights
-        merge_c = jax.jit(lambda b, lo: merge(b, lo, lcfg.scale)).lower(base_abs, train_abs)
-        merge_c = merge_c.compile()
-        g_cfg, g_params, g_lora = getattr(cfg, "dense", cfg), base_abs, {}
+        c.merge = jax.jit(lambda b, lo: merge(b, lo, lcfg.scale)).lower(c.base_abs, train_abs)
+        c.merge = c.merge.compile()
+        g_cfg, g_params, g_lora = getattr(cfg, "dense", cfg), c.base_abs, {}
     else:  # full: the policy itself; QLoRA (rollout.merge=auto): NF4 base + adapter unmerged
-        g_cfg, g_params = cfg, train_abs if mode == "full" else base_abs
+        g_cfg, g_params = cfg, train_abs if mode == "full" else c.base_abs
         g_lora = {"lora": train_abs, "lcfg": lcfg} if mode == "qlora" else {}
-    gen_c = generate.lower(g_cfg, g_params, prompts_abs, prompts_abs, key, **gen_kw, **g_lora)
-    gen_c = gen_c.compile()
+    c.generate = generate.lower(g_cfg, g_params, prompts, prompts, key, **gen_kw, **g_lora)
+    c.generate = c.generate.compile()
     lp_kw = dict(n=n, temperature=1.0, chunk=C)
-    lp_c = step_lib.compute_logprobs.lower(cfg, lcfg, base_abs, None, batch_abs, **lp_kw).compile()
-    batch_abs["ref_logp"] = S((R, N), f32)
-    s_abs = (train_abs, opt_abs) + (() if mode == "full" else (base_abs,)) + (batch_abs, key)
-    step_c = step.lower(*s_abs).compile()
-    progs = {"rollout": _program(gen_c), "logprobs": _program(lp_c), "train_step": _program(step_c)}
-    if mode == "lora":
-        progs["merge"] = _program(merge_c)
-    adv_c = jax.jit(  # GRPO advantages of one outcome reward per sequence
-        lambda r_R, mask: advantages.compute_advantages(
-            "grpo", jnp.zeros((R, N)).at[:, -1].set(r_R), mask, groups=n
-        )[0]
-    )
-    adv_c = adv_c.lower(S((R,), f32), S((R, N), i32)).compile()
+    c.logprobs = step_lib.compute_logprobs.lower(cfg, lcfg, c.base_abs, None, batch, **lp_kw)
+    c.logprobs = c.logprobs.compile()
+    batch["ref_logp"] = S((R, N), f32)
+    opt_abs = jax.eval_shape(c.tx.init, train_abs)
+    s_abs = (train_abs, opt_abs) + (() if mode == "full" else (c.base_abs,)) + (batch, key)
+    c.step = step.lower(*s_abs).compile()
+    adv = lambda r_R, mask: advantages.compute_advantages(  # noqa: E731
+        "grpo", jnp.zeros((R, N)).at[:, -1].set(r_R), mask, groups=n
+    )[0]  # GRPO advantages of one outcome reward per sequence
+    c.advantages = jax.jit(adv).lower(S((R,), f32), S((R, N), i32)).compile()
+    c.programs = {"rollout": c.generate, "logprobs": c.logprobs, "train_step": c.step}
+    c.programs = {k: _program(v) for k, v in c.programs.items()}
+    if c.merge is not None:
+        c.programs["merge"] = _program(c.merge)
+    return c
+
+
+def run_case(model: str, case_mode: str, args) -> dict:
+    """Compiles, reads the baseline, loads the model, then runs two GRPO steps (module doc)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lorarl_jax.model import hf
+    from lorarl_jax.model.lora import init_lora
+
+    c = compile_case(model, case_mode, args)
+    B, R, P, key = args.batch, args.batch * args.n, args.prompt_len, jax.random.key(0)
 
     def build_state(base):
-        if mode == "full":  # the policy moves; π_ref is a copy of the initial weights
+        if c.mode == "full":  # the policy moves; π_ref is a copy of the initial weights
             trainable, ref = base, jax.tree.map(lambda x: jnp.array(x, copy=True), base)
         else:
-            trainable, ref = init_lora(base, lcfg, jax.random.key(0)), base
-        return jax.block_until_ready((trainable, ref, tx.init(trainable)))
+            trainable, ref = init_lora(base, c.lcfg, jax.random.key(0)), base
+        return jax.block_until_ready((trainable, ref, c.tx.init(trainable)))
 
     # the small eager programs of building the state compile now, outside the measurement
-    build_state(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), base_abs))
-
-    # 2. Baseline: imports + runtime + compiled programs, before the model is loaded.
+    build_state(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), c.base_abs))
     compile_peak = rss_kib("VmHWM")
     reset_peak_rss()
-    baseline = rss_kib()
-    _, base = hf.load_hf_model(model_dir, **runtime)
+    baseline = rss_kib()  # imports + runtime + compiled programs, before the model is loaded
+    _, base = hf.load_hf_model(str(HF_CACHE / model), **c.runtime)
     trainable, ref, opt_state = build_state(base)
     reset_peak_rss()
     state = rss_kib()
     rng = np.random.default_rng(0)
-    prompts = jnp.asarray(rng.integers(3, cfg.vocab_size, (B, P)), i32)
-    pmask = jnp.ones((B, P), i32)
+    prompts = jnp.asarray(rng.integers(3, c.cfg.vocab_size, (B, P)), jnp.int32)
+    pmask = jnp.ones((B, P), jnp.int32)
     phase_peak, phase_end = {}, {}
 
     def phase(name, value):
@@ -204,20 +226,20 @@ def run_case(model: str, mode: str, args) -> dict:
         return value
 
     def one_step(trainable, opt_state):
-        if mode == "lora":
-            out = gen_c(merge_c(base, trainable), prompts, pmask, key)  # merged copy freed after
+        if c.mode == "lora":  # the merged copy is freed once generate is done
+            out = c.generate(c.merge(base, trainable), prompts, pmask, key)
         else:
-            lora = {"lora": trainable} if mode == "qlora" else {}
-            out = gen_c(trainable if mode == "full" else base, prompts, pmask, key, **lora)
+            lora = {"lora": trainable} if c.mode == "qlora" else {}
+            out = c.generate(trainable if c.mode == "full" else base, prompts, pmask, key, **lora)
         out = phase("rollout", out)
-        rewards = jnp.asarray(rng.integers(0, 2, (R,)), f32)
+        rewards = jnp.asarray(rng.integers(0, 2, (R,)), jnp.float32)
         b = {"prompt_tokens": prompts, "prompt_mask": pmask, "responses": out.tokens,
-             "response_mask": out.mask, "advantages": adv_c(rewards, out.mask)}  # fmt: skip
-        b["ref_logp"] = phase("logprobs", lp_c(ref, None, b)[0])
-        if mode == "full":
-            trainable, opt_state, loss = step_c(trainable, opt_state, b, key)
+             "response_mask": out.mask, "advantages": c.advantages(rewards, out.mask)}  # fmt: skip
+        b["ref_logp"] = phase("logprobs", c.logprobs(ref, None, b)[0])
+        if c.mode == "full":
+            trainable, opt_state, loss = c.step(trainable, opt_state, b, key)
         else:
-            trainable, opt_state, m = step_c(trainable, opt_state, base, b, key)
+            trainable, opt_state, m = c.step(trainable, opt_state, base, b, key)
             loss = m["actor/loss"]
         return phase("update", (trainable, opt_state, float(loss)))
 
@@ -225,7 +247,7 @@ def run_case(model: str, mode: str, args) -> dict:
         trainable, opt_state, loss = one_step(trainable, opt_state)
     return {
         "model": model,
-        "mode": mode,
+        "mode": case_mode,
         "loss": loss,
         "compile_peak_mib": compile_peak / 1024,
         "baseline_mib": baseline / 1024,
@@ -236,11 +258,11 @@ def run_case(model: str, mode: str, args) -> dict:
         "opt_state_bytes": _nbytes(opt_state),
         "trainable_bytes": _nbytes(trainable),
         "base_bytes": _nbytes(base),
-        "programs": progs,
+        "programs": c.programs,
     }
 
 
-def estimated(model: str, mode: str, args) -> dict:
+def estimated(model: str, case_mode: str, args) -> dict:
     from lorarl_jax import estimate as est_lib
 
     prec = est_lib.Precision(param_dtype="float32", dtype="float32")
@@ -252,8 +274,11 @@ def estimated(model: str, mode: str, args) -> dict:
         seq=args.prompt_len,
         max_new_tokens=args.new_tokens,
         logprob_chunk=args.chunk,
+        remat=case_mode.endswith("+remat"),
     )
-    return est_lib.estimate(cfg, lcfg, wl, prec, est_lib.Options())[mode].as_dict()
+    return est_lib.estimate(cfg, lcfg, wl, prec, est_lib.Options())[
+        case_mode.split("+")[0]
+    ].as_dict()
 
 
 def run_in_subprocess(model: str, mode: str, argv: list[str]) -> dict:
@@ -277,22 +302,21 @@ RSS_COLS = (  # (label, estimator keys summed, measured phase; None: the state b
     ("log-prob phase", ("resident", "logprob_work"), "logprobs"),
     ("update phase", ("resident", "train_phase"), "update"),
     ("step peak", ("peak",), "step"),
-)  # then `runtime`: RSS left once the step is over minus the state (measured only)
+)
 
 
 def _pair(est: float, meas: float) -> str:
     return f"{est / MiB:>9.0f} /{meas / MiB:>6.0f} ({est / meas:4.2f})"
 
 
-def _rows(results, cols, cells, extra: str = "") -> list[str]:
-    hdr = f"{'model':<9}{'mode':<7}" + "".join(f"{c[0]:>26}" for c in cols)
-    hdr += f"{extra:>10}" if extra else ""
+def _rows(results, cols, cells) -> list[str]:
+    hdr = f"{'model':<9}{'mode':<12}" + "".join(f"{c[0]:>26}" for c in cols)
     lines = [hdr, "-" * len(hdr)]
     for r in results:
         if "skipped" in r:
-            lines.append(f"{r['model']:<9}{r['mode']:<7}  n/a ({r['skipped']})")
+            lines.append(f"{r['model']:<9}{r['mode']:<12}  n/a ({r['skipped']})")
         else:
-            lines.append(f"{r['model']:<9}{r['mode']:<7}" + "".join(cells(r)))
+            lines.append(f"{r['model']:<9}{r['mode']:<12}" + "".join(cells(r)))
     return lines
 
 
@@ -307,8 +331,7 @@ def table(results: list[dict], args) -> str:
     def rss(r):
         e, base = r["estimate"], r["baseline_mib"]
         meas = {"step": r["step_peak_mib"], None: r["state_mib"], **r["phase_peak_mib"]}
-        out = [_pair(sum(e[k] for k in ks), (meas[m] - base) * MiB) for _, ks, m in RSS_COLS]
-        return out + [f"{r['phase_end_mib']['update'] - r['state_mib']:>10.0f}"]
+        return [_pair(sum(e[k] for k in ks), (meas[m] - base) * MiB) for _, ks, m in RSS_COLS]
 
     title = (
         f"GRPO step, {args.batch} prompts x {args.n} generations, prompt {args.prompt_len} + "
@@ -318,7 +341,7 @@ def table(results: list[dict], args) -> str:
     lines = [title, "", "Device memory (XLA memory_analysis: argument + output - alias + temp)"]
     lines += _rows(results, [("AdamW state",), *XLA_COLS], xla)
     lines += ["", "Peak RSS - baseline (baseline: after imports and compilation, before loading)"]
-    lines += _rows(results, RSS_COLS, rss, "runtime")
+    lines += _rows(results, RSS_COLS, rss)
     compile_peaks = ", ".join(
         f"{r['model']}/{r['mode']} {r['compile_peak_mib']:.0f}"
         for r in results
@@ -331,7 +354,17 @@ def table(results: list[dict], args) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="smollm2,gemma3", help="dirs under ~/.cache/lorarl_jax/hf")
-    p.add_argument("--modes", default="full,lora,qlora")
+    p.add_argument(
+        "--modes",
+        default="full,lora,qlora,lora+remat",
+        help="full | lora | qlora, each optionally +remat (gradient checkpointing)",
+    )
+    p.add_argument(
+        "--cpu-scheduler",
+        choices=("memory", "default"),
+        default="memory",
+        help="XLA:CPU scheduler: memory-optimized (as accelerators) or XLA's default",
+    )
     p.add_argument("--batch", type=int, default=2, help="prompts")
     p.add_argument("--n", type=int, default=4, help="generations per prompt")
     p.add_argument("--prompt-len", type=int, default=64)
@@ -348,6 +381,9 @@ def main(argv=None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.case:
+        if args.cpu_scheduler == "memory":  # before JAX is imported (run_case imports it)
+            flags = os.environ.get("XLA_FLAGS", "")
+            os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_SCHEDULER}".strip()
         model, mode = args.case.split(":")
         result = run_case(model, mode, args)
         with open(args.json_out, "w") as f:
@@ -356,7 +392,7 @@ def main(argv=None) -> list[dict]:
     results = []
     for model in args.models.split(","):
         for mode in args.modes.split(","):
-            if mode == "qlora" and not qlora_available():
+            if mode.startswith("qlora") and not qlora_available():
                 results.append(
                     {"model": model, "mode": mode, "skipped": "quantization not available"}
                 )
