@@ -24,6 +24,7 @@ class ModelCfg:
     quantization: str = "none"  # none | nf4 (QLoRA: decoder linear kernels stored as 4-bit NF4)
     double_quant: bool = False  # nf4 only: quantize the block scales to 8 bits too
     gradient_checkpointing: bool = False
+    scan_layers: bool = False  # training passes run the layers under lax.scan (model/scan.py)
 
 
 @dataclasses.dataclass(frozen=True)

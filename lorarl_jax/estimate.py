@@ -84,6 +84,7 @@ ROWS = (
     ("rollout: KV cache", "kv_cache"),
     ("rollout: logits + prefill", "rollout_work"),
     ("log-prob pass (ref / old policy)", "logprob_work"),
+    ("scan_layers: stacked layer weights", "stacked"),
     ("activations, no remat", "activations_no_remat"),
     ("activations, remat", "activations_remat"),
     ("optimizer-update workspace", "update"),
@@ -109,7 +110,8 @@ def format_table(cfg: ModelConfig, lcfg, wl: Workload, prec: Precision, opts: Op
         f"{','.join(lcfg.target_modules)}",
         f"{wl.batch} prompts x {wl.num_generations} generations, prompt {wl.seq} + "
         f"{wl.max_new_tokens} new tokens, micro-batch {wl.micro} sequences, "
-        f"remat {'on' if wl.remat else 'off'}, rollout merge {opts.merge}, "
+        f"remat {'on' if wl.remat else 'off'}, scan {'on' if wl.scan_layers else 'off'}, "
+        f"rollout merge {opts.merge}, "
         f"critic {'on' if opts.critic else 'off'}",
         f"weights {prec.param_dtype}, compute {prec.dtype}, adapter {prec.adapter_dtype}, AdamW "
         f"moments {prec.opt_dtype}, NF4 double quant {'on' if prec.double_quant else 'off'}",
@@ -153,6 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro_batch", type=int, default=0, help="sequences per micro-batch")
     p.add_argument("--logprob_chunk", type=int, default=64)
     p.add_argument("--remat", action="store_true", help="gradient checkpointing per block")
+    p.add_argument("--scan_layers", action="store_true", help="model.scan_layers")
     p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--param_dtype", default="", help="weights dtype (default: --dtype)")
@@ -188,6 +191,7 @@ def from_args(args: argparse.Namespace):
         micro_batch=args.micro_batch,
         logprob_chunk=args.logprob_chunk,
         remat=args.remat,
+        scan_layers=args.scan_layers,
     )
     opts = Options(mesh=mesh, merge=args.merge, critic=args.critic)
     return model_config(args.model, prec, args.remat), lcfg, wl, prec, opts

@@ -22,9 +22,10 @@ Design
   not (it keeps 50–85% of the merge's fp32 A·B products live); this one does, and
   `scripts/bench_memory.py` uses it:
       XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED
-  Remat is the design value: XLA:CPU honours it in this unrolled decoder for ~4 layers only
-  (3.5 MiB/layer kept, 3.3 predicted), then keeps ~40 MiB/layer as without remat; it is not
-  validated on accelerators.
+  Remat is the design value: in the unrolled decoder XLA:CPU honours it for ~4 layers only
+  (3.5 MiB/layer kept, 3.3 predicted), then keeps ~40 MiB/layer as without remat; with
+  `model.scan_layers` (`Workload.scan_layers`: + the stacked copy of the layer weights each
+  training pass makes) the checkpointed scan body holds it (README: validation table).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Workload:
     micro_batch: int = 0  # sequences per gradient micro-batch; 0: all of them
     logprob_chunk: int = 64
     remat: bool = False
+    scan_layers: bool = False  # model.scan_layers: each training pass stacks the layer weights
 
     @property
     def rows(self) -> int:
@@ -110,6 +112,7 @@ class Breakdown:
     kv_cache: int
     rollout_work: int
     logprob_work: int
+    stacked: int  # scan_layers: the stacked copy of the decoder weights a training pass makes
 
     @property
     def resident(self) -> int:
@@ -124,11 +127,15 @@ class Breakdown:
     def train_phase(self) -> int:
         """Backward start (all activations + early gradients) or the update (gradients + a
         gradient-sized workspace), whichever is larger."""
-        return max(self.activations + self.grads_early, self.gradients + self.update)
+        return max(self.activations + self.grads_early + self.stacked, self.gradients + self.update)
+
+    @property
+    def logprob_phase(self) -> int:
+        return self.logprob_work + self.stacked
 
     @property
     def peak(self) -> int:
-        return self.resident + max(self.rollout_phase, self.logprob_work, self.train_phase)
+        return self.resident + max(self.rollout_phase, self.logprob_phase, self.train_phase)
 
     @property
     def train_program(self) -> int:
@@ -143,12 +150,12 @@ class Breakdown:
     @property
     def logprob_program(self) -> int:
         """The reference log-prob pass alone (base or reference copy + its buffers)."""
-        return self.weights + self.logprob_work
+        return self.weights + self.logprob_phase
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
         programs = ("train_program", "rollout_program", "logprob_program")
-        for k in ("resident", "rollout_phase", "train_phase", "peak") + programs:
+        for k in ("resident", "rollout_phase", "train_phase", "logprob_phase", "peak") + programs:
             out[k] = getattr(self, k)
         return out
 
@@ -355,6 +362,12 @@ def _qlora_weights(cfg: ModelConfig, prec: Precision, mesh) -> tuple[int, int, i
     return leaf_bytes(nf4, mesh), leaf_bytes(rest, mesh), merged
 
 
+def _qlora_layer_bytes(cfg: ModelConfig, prec: Precision, mesh) -> int:
+    """Per device: the decoder layers' leaves of an NF4 base (what scan_layers stacks)."""
+    leaves = param_leaves(cfg.replace(quantization="nf4", double_quant=prec.double_quant))
+    return leaf_bytes([x for x in leaves if x.in_layers], mesh)
+
+
 def estimate(
     cfg: ModelConfig, lcfg: LoraConfig, wl: Workload, prec: Precision, opts: Options
 ) -> dict[str, Breakdown]:
@@ -369,6 +382,9 @@ def estimate(
     accumulate = wl.rows // wl.micro > 1  # the scan carries the summed gradients
     critic = 2 * w + adam(dense) + 4 * (cfg.hidden_size + 1) if opts.critic else 0
     q_nf4, q_rest, q_merged = _qlora_weights(cfg, prec, mesh)
+    q_layers = _qlora_layer_bytes(cfg, prec, mesh)
+    w_layers = leaf_bytes([x for x in dense if x.in_layers], mesh)
+    on = wl.scan_layers
     w_decode = leaf_bytes(dense, mesh, rules=mesh_lib.DECODE_RULES)  # the merged copy's layout
     merge_lora, merge_qlora = opts.merge != "never", opts.merge == "always"  # auto: see Options
     adapted = [x for x in dense if is_linear(x) and x.path[-2] in lcfg.target_modules]
@@ -393,20 +409,20 @@ def estimate(
         "full": Breakdown(
             "full", n_params, n_params, weights=w, adapter=0, optimizer=adam(dense), reference=w,
             update=w, merged=0, merge_work=0, sampler_weights=w, **full_grads, **acts("full"),
-            **shared,
+            stacked=w_layers * on, **shared,
         ),
         "lora": Breakdown(
             "lora", n_params, n_adapter, weights=w, adapter=a, optimizer=adam(adapter),
             reference=0, merged=w_decode if merge_lora else 0, merge_work=products * merge_lora,
             sampler_weights=w_decode if merge_lora else w + a,
-            **lora_grads, **acts("lora"), **shared,
+            stacked=w_layers * on, **lora_grads, **acts("lora"), **shared,
         ),
         "qlora": Breakdown(
             "qlora", n_params, n_adapter, weights=q_nf4 + q_rest, adapter=a,
             optimizer=adam(adapter), reference=0,
             merged=q_merged if merge_qlora else 0, merge_work=products * merge_qlora,
             sampler_weights=q_merged if merge_qlora else q_nf4 + q_rest + a,
-            **lora_grads, **acts("qlora"), **shared,
+            stacked=q_layers * on, **lora_grads, **acts("qlora"), **shared,
         ),
     }  # fmt: skip
     return out

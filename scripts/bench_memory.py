@@ -140,6 +140,7 @@ def compile_case(model: str, case_mode: str, args):
     R, S, i32, f32 = B * n, jax.ShapeDtypeStruct, jnp.int32, jnp.float32
     mode, remat = case_mode.split("+")[0], case_mode.endswith("+remat")
     runtime = dict(dtype="float32", param_dtype="float32", remat=remat)
+    runtime |= {"scan_layers": args.scan_layers}
     runtime |= {"quantization": "nf4"} if mode == "qlora" else {}
     cfg = load_config(str(HF_CACHE / model), **runtime)
     lcfg = LoraConfig(r=args.rank, lora_alpha=2.0 * args.rank)
@@ -275,6 +276,7 @@ def estimated(model: str, case_mode: str, args) -> dict:
         max_new_tokens=args.new_tokens,
         logprob_chunk=args.chunk,
         remat=case_mode.endswith("+remat"),
+        scan_layers=args.scan_layers,
     )
     return est_lib.estimate(cfg, lcfg, wl, prec, est_lib.Options())[
         case_mode.split("+")[0]
@@ -299,7 +301,7 @@ XLA_COLS = (  # (label, estimator key, measured program)
 RSS_COLS = (  # (label, estimator keys summed, measured phase; None: the state before the step)
     ("state", ("resident",), None),
     ("rollout phase", ("resident", "rollout_phase"), "rollout"),
-    ("log-prob phase", ("resident", "logprob_work"), "logprobs"),
+    ("log-prob phase", ("resident", "logprob_phase"), "logprobs"),
     ("update phase", ("resident", "train_phase"), "update"),
     ("step peak", ("peak",), "step"),
 )
@@ -371,6 +373,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--chunk", type=int, default=16, help="LM-head positions per log-prob chunk")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--scan-layers", action="store_true", help="model.scan_layers=True")
     p.add_argument("--case", default="", help="(internal) model:mode to run in this process")
     p.add_argument("--json-out", default="", help="(internal) where --case writes its result")
     p.add_argument("--save", default="", help="also write all results as JSON here")

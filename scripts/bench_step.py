@@ -52,7 +52,13 @@ def peak_rss_gib() -> float:
 
 def our_config(args, total_steps: int, out_dir: str) -> dict:
     return {
-        "model": {"path": args.model_dir, "dtype": "float32", "param_dtype": "float32"},
+        "model": {
+            "path": args.model_dir,
+            "dtype": "float32",
+            "param_dtype": "float32",
+            "scan_layers": args.scan_layers,
+            "gradient_checkpointing": args.remat,
+        },
         "lora": {"r": args.rank, "lora_alpha": float(args.alpha), "target_modules": TARGETS},
         "rollout": {
             "num_generations": args.generations,
@@ -237,7 +243,8 @@ def run_side(side: str, argv: list[str]) -> dict:
         return json.load(f)
 
 
-def print_table(args, ours: dict, trl: dict) -> None:
+def print_table(args, ours: dict, trl: dict, mem: dict | None = None) -> None:
+    """`mem`: ours with model.scan_layers + gradient_checkpointing (the low-memory config)."""
     o, t = statistics.median(ours["step_s"]), statistics.median(trl["step_s"])
     mode = "forced to" if args.force_length else "stop at EOS, max"
     print(
@@ -247,11 +254,20 @@ def print_table(args, ours: dict, trl: dict) -> None:
     hdr = f"{'side':<34}{'median s/step':>14}{'peak RSS GiB':>14}{'mean len':>10}{'reward':>8}"
     print(hdr + "\n" + "-" * len(hdr))
     gc = "grad ckpt" if args.trl_gc else "no grad ckpt"
-    for name, r, s in (("lorarl_jax (jit)", ours, o), (f"TRL GRPOTrainer+PEFT ({gc})", trl, t)):
-        row = f"{name:<34}{s:>14.2f}{r['peak_rss_gib']:>14.2f}{r['length']:>10.1f}"
-        print(row + f"{r['reward']:>8.3f}")
+    rows = [("lorarl_jax (jit)", ours), (f"TRL GRPOTrainer+PEFT ({gc})", trl)]
+    if mem is not None:
+        rows.insert(1, ("lorarl_jax (scan + grad ckpt)", mem))
+    for name, r in rows:
+        row = f"{name:<34}{statistics.median(r['step_s']):>14.2f}{r['peak_rss_gib']:>14.2f}"
+        print(row + f"{r['length']:>10.1f}{r['reward']:>8.3f}")
     print(f"speed-up TRL / ours: {t / o:.2f}x   RSS ours / TRL: "
           f"{ours['peak_rss_gib'] / trl['peak_rss_gib']:.2f}")  # fmt: skip
+    if mem is not None:
+        m = statistics.median(mem["step_s"])
+        print(f"scan + grad ckpt: speed-up TRL / ours {t / m:.2f}x, RSS ours / TRL "
+              f"{mem['peak_rss_gib'] / trl['peak_rss_gib']:.2f}, compile {mem['compile_s']:.1f} s, "
+              "per phase " + ", ".join(f"{k.split('/')[1]} {v:.2f}"
+                                       for k, v in mem["breakdown"].items()))  # fmt: skip
     print(
         f"ours: compile {ours['compile_s']:.1f} s (first step {ours['first_step_s']:.1f} s, "
         f"build {ours['build_s']:.1f} s); timed steps {[round(s, 2) for s in ours['step_s']]}, "
@@ -289,6 +305,10 @@ def parse_args(argv=None):
     p.add_argument("--force-length", action="store_true", help="every completion max length")
     p.add_argument("--no-trl-gc", dest="trl_gc", action="store_false",
                    help="turn off TRL's default gradient checkpointing")  # fmt: skip
+    p.add_argument("--scan-layers", action="store_true", help="ours: model.scan_layers")
+    p.add_argument("--remat", action="store_true", help="ours: model.gradient_checkpointing")
+    p.add_argument("--no-memory-config", dest="memory_config", action="store_false",
+                   help="skip our second run (scan_layers + grad ckpt)")  # fmt: skip
     p.add_argument("--side", choices=("both", "ours", "trl"), default="both")
     p.add_argument("--json-out", default="", help="(internal) where a single side writes results")
     return p.parse_args(argv)
@@ -305,9 +325,11 @@ def main(argv: list[str] | None = None) -> dict:
             with open(args.json_out, "w") as f:
                 json.dump(result, f)
         return result
-    ours, trl = run_side("ours", argv), run_side("trl", argv)  # a later --side wins
-    print_table(args, ours, trl)
-    return {"ours": ours, "trl": trl}
+    ours = run_side("ours", argv)  # a later --side wins
+    mem = run_side("ours", argv + ["--scan-layers", "--remat"]) if args.memory_config else None
+    trl = run_side("trl", argv)
+    print_table(args, ours, trl, mem)
+    return {"ours": ours, "ours_memory_config": mem, "trl": trl}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ with `--xla_force_host_platform_device_count`: one device (the reference); 8 dev
 (data, fsdp, tensor) = (1,2,4), (2,4,1), (8,1,1); two processes of 4 devices each, joined by
 jax.distributed on 127.0.0.1 (gloo), on mesh (2,4,1). Each step is a rollout, reference and old
 log-probs (two mini-batches, so the update is off-policy) and two optimizer updates of two
-micro-batches each; each run logs metrics.jsonl and exports the adapter.
+micro-batches each; each run logs metrics.jsonl and exports the adapter. PPO (GAE, the
+full-parameter critic sharded as the base) runs on 2 processes × 4 devices, mesh (1,2,4), against
+its own one-device run.
 
 Tolerance (fp32; measured on this machine in brackets): loss, grad norm, KL loss and entropy
 ≤ 1e-5 relative [≤ 2e-6]; every other logged number ≤ 1e-4 · max(|ref|, 1e-3) [≤ 2.3e-5, ppo_kl,
@@ -158,16 +160,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_processes(runs, reference):
-    """Two processes × 4 devices on mesh (2,4,1): each holds half of the batch rows."""
-    ov = runs("two_proc", (2, 4, 1))
+def _two_processes(ov: dict, mesh: tuple) -> tuple:
     port = _free_port()
-    t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
             _args(
-                ov,
+                dict(ov, **{"trainer.mesh": mesh}),
                 f"--config.trainer.coordinator_address=127.0.0.1:{port}",
                 "--config.trainer.num_processes=2",
                 f"--config.trainer.process_id={i}",
@@ -183,6 +181,15 @@ def two_processes(runs, reference):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-4000:]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def two_processes(runs, reference):
+    """Two processes × 4 devices on mesh (2,4,1): each holds half of the batch rows."""
+    ov = runs("two_proc", (2, 4, 1))
+    t0 = time.perf_counter()
+    outs = _two_processes(ov, (2, 4, 1))
     print(f"2 processes: {time.perf_counter() - t0:.0f} s")
     return ov, outs
 
@@ -210,6 +217,28 @@ def test_two_process_checkpoint_restores_in_one_process(two_processes, runs, tmp
     _train(one, 1, "--config.trainer.resume=True")
     a, b = _adapter(dst), _adapter(src)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in b)
+
+
+PPO = {  # GAE with the full-parameter critic, KL in the reward, two epochs × two mini-batches
+    "algo.adv_estimator": "gae",
+    "algo.use_kl_in_reward": True,
+    "algo.use_kl_loss": False,
+    "algo.ppo_epochs": 2,
+}
+
+
+def test_ppo_critic_two_processes_equal_one_device(runs):
+    """PPO: the critic (a full copy of the base, sharded as the base, its value head and step
+    counters replicated) on 2 processes × 4 devices, mesh (1,2,4), == one device."""
+    ref = dict(runs("ppo_ref", (1, 1, 1)), **PPO)
+    _train(ref, 1)
+    ov = dict(runs("ppo_two_proc", (1, 2, 4)), **PPO)
+    _two_processes(ov, (1, 2, 4))
+    d = _differences(ov["trainer.output_dir"], ref["trainer.output_dir"])
+    lines = _metrics(ov["trainer.output_dir"])
+    assert sum("critic/vf_loss" in x for x in lines) == 2
+    print(f"PPO, 2 processes × 4 devices: differences {d}")
+    _assert_close(d)
 
 
 def test_batch_not_splitting_over_mesh_is_one_line_error(runs):

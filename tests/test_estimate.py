@@ -228,3 +228,21 @@ def test_train_step_estimate_matches_xla_memory_analysis():
     xla = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
     xla += m.temp_size_in_bytes
     assert 0.75 < est.train_program / xla < 1.25
+
+
+def test_scan_layers_adds_the_stacked_copy_of_the_layer_weights():
+    """model.scan_layers stacks the decoder layers' weights in every training pass: the train
+    step and log-prob pass grow by exactly those bytes (NF4 leaves for QLoRA), nothing else."""
+    cfg = from_hf_dict(TINY["llama"])
+    params = init_params(cfg, jax.random.key(0))
+    layers = sum(
+        x.nbytes for k, v in params.items() if k.startswith("layers_") for x in jax.tree.leaves(v)
+    )
+    lcfg, prec = LoraConfig(r=4), M.Precision(param_dtype="float32", dtype="float32")
+    off = M.estimate(cfg, lcfg, M.Workload(), prec, M.Options())
+    on = M.estimate(cfg, lcfg, M.Workload(scan_layers=True), prec, M.Options())
+    for mode in ("full", "lora"):
+        assert on[mode].stacked == layers and off[mode].stacked == 0
+        assert on[mode].logprob_program - off[mode].logprob_program == layers
+    assert on["lora"].train_program - off["lora"].train_program == layers
+    assert 0 < on["qlora"].stacked < 0.35 * layers  # 4-bit codes + scales + fp32 norms

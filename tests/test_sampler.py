@@ -151,3 +151,24 @@ def test_inverse_cdf_draws_follow_the_tempered_softmax():
     np.testing.assert_allclose(freq, [0.1, 0.2, 0.3, 0.4], atol=0.015)
     k2 = S.sample_token(jnp.repeat(logits, 500, 0), jax.random.key(0), S.SamplingParams(top_k=2))
     assert set(np.asarray(k2[0]).tolist()) == {2, 3}
+
+
+def test_growing_cache_greedy_matches_teacher_forced_forward(hf_dir):
+    """70 new tokens: the cache grows at steps 32 and 64 (`cache_segments`); every token is the
+    argmax of one full forward over prompt + completion at the previous position."""
+    assert S.cache_segments(70) == (32, 64, 70)
+    assert S.cache_segments(64) == (32, 64) and S.cache_segments(6) == (6,)
+    cfg, params = load_hf_model(hf_dir("gemma3"))  # sliding-window layers: slot arithmetic
+    tokens, mask = left_padded_batch(TINY["gemma3"]["vocab_size"], [7, 3, 5], 7, seed=6)
+    r = _gen(
+        cfg, params, tokens, mask, jax.random.key(0), S.SamplingParams(greedy=True), max_new=70
+    )
+    seq = np.concatenate([tokens, np.asarray(r.tokens)], 1)
+    msk = np.concatenate([mask, np.ones((3, 70), np.int32)], 1)
+    logits, _ = Transformer(cfg).apply(
+        {"params": params}, jnp.asarray(seq), positions_from_mask(jnp.asarray(msk)), msk
+    )
+    logits = np.asarray(logits)[:, 6:-1]  # predicts response tokens 0..69
+    np.testing.assert_array_equal(logits.argmax(-1), np.asarray(r.tokens))
+    ref_lp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), seq[:, 7:, None], -1)
+    np.testing.assert_allclose(np.asarray(r.logp), ref_lp[..., 0], atol=2e-5)

@@ -59,6 +59,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False  # training passes run the decoder layers under lax.scan (scan.py)
     quantization: str = "none"  # "nf4": decoder linear kernels stored as NF4 (model/quant.py)
     double_quant: bool = False  # NF4 scales quantized to 8 bits as well
 

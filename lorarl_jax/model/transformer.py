@@ -231,10 +231,7 @@ class Transformer(nn.Module):
         cache_index_B=None,
         return_hidden: bool = False,
     ):
-        cfg = self.cfg
-        x = self.embed_tokens(tokens_BxT)
-        if cfg.is_gemma:
-            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.compute_dtype)
+        x = self.embed(tokens_BxT)
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, c = layer(
@@ -248,6 +245,16 @@ class Transformer(nn.Module):
         h = self.norm(x)
         out = h if return_hidden else self.logits_from_hidden(h)
         return out, (None if cache is None else new_cache)
+
+    def embed(self, tokens_BxT):
+        """Token embeddings as the first layer reads them (Gemma: scaled by √D)."""
+        x = self.embed_tokens(tokens_BxT)
+        if self.cfg.is_gemma:
+            x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), self.cfg.compute_dtype)
+        return x
+
+    def final_norm(self, x_BxTxD):
+        return self.norm(x_BxTxD)
 
     def logits_from_hidden(self, h_BxTxD):
         """fp32 logits of final-normed hidden states (tied or separate head, optional soft-cap)."""

@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lorarl_jax import mesh as mesh_lib
 from lorarl_jax.config import CriticCfg
+from lorarl_jax.distributed import to_host
 from lorarl_jax.model.config import ModelConfig
-from lorarl_jax.model.transformer import Transformer, positions_from_mask
+from lorarl_jax.model.transformer import Transformer, abstract_params, positions_from_mask
 from lorarl_jax.rl import losses
 
 
@@ -43,6 +45,26 @@ def response_values(cfg, params, tokens_BxL, mask_BxL, n_resp: int):
     return v_BxL[:, L - n_resp - 1 : L - 1]
 
 
+def critic_shardings(cfg: ModelConfig, mesh, params, tx):
+    """`params` (arrays or shapes) → (params, opt_state) shardings: the backbone as the base
+    (`mesh.LOGICAL_RULES`), the value head replicated, AdamW's moments as their parameters, its
+    step counters replicated."""
+    repl = mesh_lib.replicated(mesh)
+    params_sh = {
+        "backbone": mesh_lib.param_shardings(abstract_params(cfg), mesh),
+        "value_head": jax.tree.map(lambda _: repl, params["value_head"]),
+    }
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        jax.eval_shape(tx.init, params),
+        params_sh,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+    return params_sh, opt_sh
+
+
 @dataclasses.dataclass
 class Critic:
     cfg: ModelConfig
@@ -51,13 +73,18 @@ class Critic:
     params: Any
     opt_state: Any
     tx: Any
+    place: Any  # rl.sharding.Placement of the run: its mesh and batch layout
+    values_fn: Any  # jitted _values with explicit shardings
+    step_fn: Any  # jitted _critic_step with explicit shardings, params / opt_state donated
 
     @classmethod
-    def create(cls, cfg, base, ccfg: CriticCfg, total_steps: int, key, loss_agg_mode="token-mean"):
+    def create(
+        cls, cfg, base, ccfg: CriticCfg, total_steps: int, key, place, loss_agg_mode="token-mean"
+    ):
+        """`base`: the dense base weights (on the mesh); the backbone is a copy of them."""
         head = ValueModel(cfg).init(key, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))[
             "params"
         ]["value_head"]
-        params = {"backbone": jax.tree.map(jnp.copy, base), "value_head": head}
         sched = (
             optax.join_schedules(
                 [
@@ -70,33 +97,48 @@ class Critic:
             else ccfg.lr
         )
         tx = optax.chain(optax.clip_by_global_norm(ccfg.grad_clip), optax.adamw(sched))
-        return cls(cfg, ccfg, loss_agg_mode, params, tx.init(params), tx)
+        params_sh, opt_sh = critic_shardings(
+            cfg, place.mesh, {"backbone": base, "value_head": head}, tx
+        )
+        params = jax.jit(  # a copy: the critic step donates its params, the base stays
+            lambda b, h: {"backbone": jax.tree.map(jnp.copy, b), "value_head": h},
+            out_shardings=params_sh,
+        )(base, jax.device_put(jax.device_get(head), params_sh["value_head"]))
+        opt_state = jax.jit(tx.init, in_shardings=(params_sh,), out_shardings=opt_sh)(params)
+        batch, repl = place.batch, place.replicated
+        values_fn = jax.jit(
+            functools.partial(_values, cfg=cfg),
+            static_argnums=(3,),
+            in_shardings=(params_sh, batch, batch),
+            out_shardings=repl,
+        )
+        step = functools.partial(
+            _critic_step, cfg=cfg, tx=tx, clip=ccfg.cliprange_value, agg=loss_agg_mode
+        )
+        step_fn = jax.jit(
+            step,
+            in_shardings=(params_sh, opt_sh, batch),
+            out_shardings=(params_sh, opt_sh, repl),
+            donate_argnums=(0, 1),
+        )
+        return cls(cfg, ccfg, loss_agg_mode, params, opt_state, tx, place, values_fn, step_fn)
 
     def values(self, tokens, attn, n_resp: int) -> np.ndarray:
-        return np.asarray(
-            _values(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(attn), n_resp)
-        )
+        """V of each response token of host sequences [B, L] → host [B, n_resp]."""
+        tokens, attn = self.place.put((tokens, attn))
+        return to_host(self.values_fn(self.params, tokens, attn, n_resp))
 
     def update(self, mb) -> dict:
-        self.params, self.opt_state, m = _critic_step(
-            self.cfg,
-            self.tx,
-            self.ccfg.cliprange_value,
-            self.loss_agg_mode,
-            self.params,
-            self.opt_state,
-            mb,
-        )
+        """One AdamW step on a mini-batch already on the mesh (`Placement.put`)."""
+        self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, mb)
         return m
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "n_resp"))
-def _values(cfg, params, tokens, attn, n_resp):
+def _values(params, tokens, attn, n_resp, *, cfg):
     return response_values(cfg, params, tokens, attn, n_resp)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tx", "clip", "agg"), donate_argnums=(4, 5))
-def _critic_step(cfg, tx, clip, agg, params, opt_state, mb):
+def _critic_step(params, opt_state, mb, *, cfg, tx, clip, agg):
     N = mb["response_mask"].shape[1]
 
     def loss_fn(p):

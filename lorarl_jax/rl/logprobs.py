@@ -16,22 +16,21 @@ import jax.numpy as jnp
 
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.lora import LoraConfig
-from lorarl_jax.model.transformer import Transformer, positions_from_mask
+from lorarl_jax.model.scan import hidden_states
+from lorarl_jax.model.transformer import Transformer, init_cache, positions_from_mask
 
 
 def response_hidden(cfg, lcfg, base, lora, tokens_BxL, mask_BxL, n_resp, dropout_key=None):
     """Final-normed hidden states that predict each response token: [B, N, D]."""
-    deterministic = dropout_key is None
-    model = Transformer(cfg, lcfg if lora is not None else None, deterministic=deterministic)
     variables = {"params": base} if lora is None else {"params": base, "lora": lora}
-    rngs = None if deterministic else {"dropout": dropout_key}
-    h, _ = model.apply(
+    h, _ = hidden_states(
+        cfg,
+        lcfg if lora is not None else None,
         variables,
         tokens_BxL,
         positions_from_mask(mask_BxL),
         mask_BxL,
-        return_hidden=True,
-        rngs=rngs,
+        dropout_key=dropout_key,
     )
     L = tokens_BxL.shape[1]
     return h[:, L - n_resp - 1 : L - 1]
@@ -74,38 +73,37 @@ def shared_prompt_hidden(
     repeat into the single prompt pass, so the result (and its gradient) equals running the B·n
     concatenated sequences, for a fraction of the prompt compute.
     """
-    from lorarl_jax.model.transformer import init_cache
-
-    deterministic = dropout_key is None
-    model = Transformer(cfg, lcfg if lora is not None else None, deterministic=deterministic)
+    lc = lcfg if lora is not None else None
     variables = {"params": base} if lora is None else {"params": base, "lora": lora}
-    k1, k2 = (None, None) if deterministic else jax.random.split(dropout_key)
+    k1, k2 = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     B, P = prompt_BxP.shape
     R, N = resp_RxN.shape
     kv_p = jnp.concatenate([pmask_BxP, jnp.zeros((B, N), pmask_BxP.dtype)], axis=1)
     pos_p = positions_from_mask(pmask_BxP)
-    h_p, cache = model.apply(
+    h_p, cache = hidden_states(
+        cfg,
+        lc,
         variables,
         prompt_BxP,
         pos_p,
         kv_p,
         init_cache(cfg, B, P + N),
         jnp.zeros((B,), jnp.int32),
-        return_hidden=True,
-        rngs=None if deterministic else {"dropout": k1},
+        dropout_key=k1,
     )
     cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), cache)
     kv_r = jnp.concatenate([jnp.repeat(pmask_BxP, n, axis=0), rmask_RxN], axis=1)
     pos_r = jnp.repeat(pos_p[:, -1:] + 1, n, axis=0) + jnp.arange(N)[None, :]
-    h_r, _ = model.apply(
+    h_r, _ = hidden_states(
+        cfg,
+        lc,
         variables,
         resp_RxN,
         pos_r,
         kv_r,
         cache,
         jnp.full((R,), P, jnp.int32),
-        return_hidden=True,
-        rngs=None if deterministic else {"dropout": k2},
+        dropout_key=k2,
     )
     first = jnp.repeat(h_p[:, -1:], n, axis=0)  # the last prompt position predicts token 0
     return jnp.concatenate([first, h_r[:, :-1]], axis=1)

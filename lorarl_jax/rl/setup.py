@@ -128,6 +128,7 @@ def _load_model(cfg: RunConfig, mesh):
         dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype,
         remat=cfg.model.gradient_checkpointing,
+        scan_layers=cfg.model.scan_layers,
         quantization=cfg.model.quantization,  # NF4 kernels are quantized as they are read
         double_quant=cfg.model.double_quant,
     )
@@ -255,7 +256,7 @@ def build(cfg: RunConfig) -> Run:
         # full-parameter critic: an NF4 base is dequantized for it (it trains every weight)
         dense = quant.dequantize_params(base, model_cfg.param_dtype)
         total = tc.steps * updates_per_step
-        critic = Critic.create(model_cfg.dense, dense, cfg.critic, total, k_update)
+        critic = Critic.create(model_cfg.dense, dense, cfg.critic, total, k_update, place)
     reward = RewardManager(dc.reward_fns, dc.reward_weights or None, dc.reward_timeout_s)
     ckpt = None
     if tc.ckpt_interval or tc.resume:

@@ -10,9 +10,11 @@ Design
   the next write slot, the next RoPE position, the last token and a done flag. `prefill` builds one
   from a left-padded prompt batch; `insert` copies prefilled rows into slots of a larger state (what
   a JetStream engine needs for continuous batching); `decode_step` advances every slot by one token.
-- `generate` = prefill once per prompt, repeat each row `n` times (no re-prefill per sample), then a
-  `lax.while_loop` of decode steps that stops at `max_new_tokens` or when every row has emitted a
-  stop id. Sample `i·n + j` is generation j of prompt i (contiguous groups, as GRPO expects).
+- `generate` = prefill once per prompt, repeat each row `n` times (no re-prefill per sample), then
+  `lax.while_loop`s of decode steps that stop at `max_new_tokens` or when every row has emitted a
+  stop id; the cache grows between loops (`cache_segments`), so attention reads only slots that
+  can be filled so far. Sample `i·n + j` is generation j of prompt i (contiguous groups, as GRPO
+  expects).
 - CPU decode costs (SmolLM2-135M, 32 rows, fp32) set these choices: every row of `generate` writes
   the same cache slot, so the cache and mask take one in-place `dynamic_update_slice` per step (no
   scatter); the cache layout is the one the attention dots read (no per-step cache transpose); the
@@ -224,6 +226,35 @@ def decode_step(cfg: ModelConfig, params, state: DecodeState, slot=None, lora=No
     return logits[:, 0], new
 
 
+def cache_segments(max_new_tokens: int, first: int = 32) -> tuple[int, ...]:
+    """Decode-step counts at which `generate` grows the cache: 32, 64, 128, …, max_new_tokens.
+
+    Attention reads the whole cache at every step, and on CPU reading it costs as much as a
+    third of the layers' matmuls (SmolLM2, 32 rows, fp32): with a cache of P + 32·2^k slots
+    while t < 32·2^k, early steps and rollouts that stop early read only what they can use.
+    """
+    ends, e = [], first
+    while e < max_new_tokens:
+        ends.append(e)
+        e *= 2
+    return (*ends, max_new_tokens)
+
+
+def grow_cache(state: DecodeState, length: int) -> DecodeState:
+    """Pads the cache and its mask with empty slots up to `length` (no-op when already there)."""
+    extra = length - state.kv_mask.shape[1]
+    if extra == 0:
+        return state
+
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(x, widths)
+
+    cache = jax.tree.map(lambda x: pad(x, 2), state.cache)  # [B, K, S, Dh]
+    return state.replace(cache=cache, kv_mask=pad(state.kv_mask, 1))
+
+
 def _is_stop(tok_B, stop_ids):
     return jnp.isin(tok_B, jnp.asarray(stop_ids, jnp.int32))
 
@@ -250,7 +281,8 @@ def generate(
     `lora` (and its `lcfg`), decodes base + adapter unmerged."""
     B, P = tokens_BxP.shape
     N = max_new_tokens
-    last_logits, state = prefill(cfg, params, tokens_BxP, mask_BxP, P + N, lora, lcfg)
+    ends = cache_segments(N)
+    last_logits, state = prefill(cfg, params, tokens_BxP, mask_BxP, P + ends[0], lora, lcfg)
     state = repeat_rows(state, n)
     last_logits = jnp.repeat(last_logits, n, axis=0)
     R = B * n
@@ -259,10 +291,6 @@ def generate(
     out_tok = jnp.full((R, N), pad_id, jnp.int32).at[:, 0].set(tok)
     out_lp = jnp.zeros((R, N), jnp.float32).at[:, 0].set(lp)
     state = state.replace(token=tok, done=_is_stop(tok, stop_ids))
-
-    def cond(carry):
-        t, state, *_ = carry
-        return (t < N) & ~jnp.all(state.done)
 
     def body(carry):
         t, state, out_tok, out_lp, key = carry
@@ -276,9 +304,12 @@ def generate(
         state = state.replace(token=tok, done=state.done | _is_stop(tok, stop_ids))
         return t + 1, state, out_tok, out_lp, key
 
-    _, state, out_tok, out_lp, _ = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), state, out_tok, out_lp, key)
-    )
+    carry = (jnp.int32(1), state, out_tok, out_lp, key)
+    for end in ends:  # step t writes slot P + t − 1, so steps t < end fit a cache of P + end
+        carry = (carry[0], grow_cache(carry[1], P + end), *carry[2:])
+        cond = lambda c, end=end: (c[0] < end) & ~jnp.all(c[1].done)  # noqa: E731
+        carry = jax.lax.while_loop(cond, body, carry)
+    out_tok, out_lp = carry[2], carry[3]
     mask = response_mask(out_tok, stop_ids)
     return Rollout(out_tok, mask, out_lp * mask, mask.sum(-1))
 
