@@ -10,16 +10,17 @@ prefill included (also timed alone: our jitted `prefill`, HF's generate of 1 tok
 `--repeats` after an untimed warm-up; our jit compile time is reported on its own. Ours runs
 first, so its peak RSS (getrusage) is measured before torch is imported. transformers runs with
 `--threads` torch threads and each `--attn` implementation; the ratio uses the faster one.
-Measured here (2 cores, same run, quiet machine, before the growing cache): sampling ours 262
-tokens/s vs transformers' best 164 (1.60x), greedy 282 vs 197 (1.43x); under load (load ~4.7)
-125 vs 34 (3.6x): torch slows far more than XLA when the cores are shared.
+Measured here (2 cores, same run, quiet machine): sampling ours 297 tokens/s vs transformers'
+best 153 (1.94x), greedy 287 vs 180 (1.59x); our compile 7 s (one decode loop per cache size).
+Before the growing cache (`sampler.cache_segments`): 262 vs 164 and 282 vs 197. Under load
+(load ~4.7) 125 vs 34 (3.6x): torch slows far more than XLA when the cores are shared.
 
 Why 3x is out of reach here: every new token costs 134.5 M multiply-adds (269 MFLOP) of matmuls
 (30 layers + the tied 49152 x 576 LM head), so 32 x 128 tokens are 1.1 TFLOP, and the prefill
 (32 x 61 tokens, layers only) 0.41 TFLOP more. Measured: prefill 2.8 s (~150 GFLOP/s, as fast
 as large matmuls go on these 2 cores) and ~90 ms per decode step (~95 GFLOP/s; each step also
 reads the 538 MB of fp32 weights, 60 ms at ~9 GB/s). Even at the prefill's rate throughout,
-generate cannot beat ~10 s = ~400 tokens/s, ~2.5x transformers' quiet 164. 3x would need less
+generate cannot beat ~10 s = ~400 tokens/s, ~2.6x transformers' quiet 153. 3x would need less
 arithmetic per token (quantized weights, speculative decoding), i.e. not the same fp32 model.
 """
 

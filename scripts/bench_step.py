@@ -16,10 +16,15 @@ untimed steps (our first one compiles), then `--steps` timed ones; the table rep
 Ours also reports the XLA compile seconds caught by `jax.monitoring` (first step, plus any shape
 recompile in a timed step, which is subtracted from that step and listed). TRL uses
 `--threads` torch threads and its default gradient checkpointing unless `--no-trl-gc`.
-Measured (2 CPU cores, trl 1.16.0): ours ≈ 25 s/step when the machine is otherwise idle (ref
-log-probs 4, rollout 7.5, update 13), compile ≈ 140 s, peak RSS ≈ 6.5 GiB (set by compiling the
-update step); TRL ≈ 84 s/step, ≈ 11 GiB. Under load from other processes TRL slows far more than
-ours, so check the printed load averages before quoting the ratio.
+Ours runs twice: the default config, and the low-memory one (`model.scan_layers` +
+`gradient_checkpointing`, as TRL checkpoints by default); `--no-memory-config` skips the second.
+Measured (2 CPU cores, trl 1.16.0, same run, machine otherwise idle): ours 23.2 s/step (rollout
+5.7, reference log-probs 3.9, update 13.3), peak RSS 4.46 GiB, compile 31 s; low-memory config
+26.9 s, 3.78 GiB, compile 21 s; TRL 51.0 s, 8.43 GiB. Speed-up 2.20x (1.90x low-memory).
+Why not 3x: the step is ~2.35 TFLOP of fp32 matmuls (decode 32 x 64 tokens, one reference pass
+and one forward + backward over 4 prompts + 32 x 64 response tokens, the prompt once per group),
+which is ~20 s at the 100-120 GFLOP/s these cores sustain; TRL would have to take ~70 s. Under
+load from other processes TRL slows far more than ours, so check the printed load averages.
 """
 
 from __future__ import annotations

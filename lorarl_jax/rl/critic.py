@@ -24,6 +24,7 @@ from lorarl_jax.distributed import to_host
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.transformer import Transformer, abstract_params, positions_from_mask
 from lorarl_jax.rl import losses
+from lorarl_jax.rl.sharding import opt_state_shardings
 
 
 class ValueModel(nn.Module):
@@ -54,15 +55,7 @@ def critic_shardings(cfg: ModelConfig, mesh, params, tx):
         "backbone": mesh_lib.param_shardings(abstract_params(cfg), mesh),
         "value_head": jax.tree.map(lambda _: repl, params["value_head"]),
     }
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, sh: sh,
-        jax.eval_shape(tx.init, params),
-        params_sh,
-        transform_non_params=lambda _: repl,
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
-    )
-    return params_sh, opt_sh
+    return params_sh, opt_state_shardings(tx, params, params_sh, mesh)
 
 
 @dataclasses.dataclass

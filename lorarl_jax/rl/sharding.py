@@ -102,19 +102,24 @@ def _decode_shardings(model_cfg, merged_abstract, mesh: Mesh):
     return traverse_util.unflatten_dict(out)
 
 
+def opt_state_shardings(tx, params, params_sh, mesh: Mesh):
+    """Optimizer-state shardings: moments as their parameters (`params_sh`), counters replicated."""
+    repl = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        jax.eval_shape(tx.init, params),
+        params_sh,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+
+
 def make_placement(mesh: Mesh, model_cfg, base, lora, tx, scale: float) -> Placement:
     """Shardings of a run whose base and adapter are already on `mesh` (see rl/setup.py)."""
     base_sh = jax.tree.map(lambda x: x.sharding, base)
     lora_sh = jax.tree.map(lambda x: x.sharding, lora)
-    repl = NamedSharding(mesh, PartitionSpec())
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, sh: sh,
-        jax.eval_shape(tx.init, lora),
-        lora_sh,
-        transform_non_params=lambda _: repl,
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
-    )
+    opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
     dtype = model_cfg.compute_dtype  # of the dequantized layers of an NF4 base
     merged = jax.eval_shape(lambda b, lo: merge(b, lo, scale, dtype), base, lora)
     decode = _decode_shardings(model_cfg.dense, merged, mesh)
