@@ -1,11 +1,11 @@
 """The decoder's layers under `lax.scan`: one compiled layer body instead of L unrolled copies.
 
-Why: XLA compiles an unrolled forward + backward of L layers as one large program. On CPU,
-SmolLM2-135M's update step (30 layers) took ~140 s and +2.7 GiB of RSS to compile, and XLA:CPU
-kept buffers of many layers live at once (remat was honoured for ~4 layers only). Under scan the
-layer body is compiled once and its buffers are reused every iteration; with
+Why: XLA compiles an unrolled forward + backward of L layers as one large program, and XLA:CPU
+then keeps buffers of many layers live at once: remat was honoured for ~4 layers only. Under scan
+the layer body is compiled once and its buffers are reused every iteration; with
 `model.gradient_checkpointing` the body is `jax.checkpoint`ed, so the backward pass keeps only
-each layer's [B, T, D] input and recomputes the rest, which is what remat promises.
+each layer's [B, T, D] input and recomputes the rest, which is what remat promises. SmolLM2's
+policy step: XLA temp 1368 MiB unrolled + remat vs 887 MiB scanned + remat, compile 23 s vs 13 s.
 
 Parameters keep their per-layer layout (`layers_i/...`, the HF / PEFT / checkpoint layout);
 `stack_layers` stacks them inside the jitted function, a copy of the decoder weights made once
