@@ -29,7 +29,8 @@ the cases run with `--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED
 (`--cpu-scheduler default`: XLA's default; the train-step analysis is the same within 1-5%).
 `lora+remat` (`model.gradient_checkpointing`) checks the estimator's remat column: XLA:CPU honours
 remat in this unrolled decoder up to ~4 layers only (3.5 MiB/layer kept vs 3.3 predicted; from 8
-layers on each layer keeps ~40 MiB again), so those rows measure well above the estimate.
+layers on each layer keeps ~40 MiB again), so those rows measure well above the estimate;
+`--scan-layers` runs the scanned decoder (`model.scan_layers`), where remat holds (README table).
 The RSS of the small phases also holds ~100-200 MiB of XLA:CPU runtime memory (kept once the
 programs have run) and buffers of the previous phase not yet freed; the estimator has neither.
 XLA:CPU keeps ~110-150 MiB of runtime memory once its programs have run (RSS left after a step
