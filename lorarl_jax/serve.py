@@ -53,19 +53,20 @@ def load_policy(
 
     if adapter and run_dir:
         raise ValueError("give --adapter or --run-dir, not both")
+    rc = read_run_config(run_dir) if run_dir else None
     if not model:
         if not run_dir:
             raise ValueError("--model is required without --run-dir")
-        model = read_run_config(run_dir)["resolved_model_path"]
+        model = rc["resolved_model_path"]
     model_dir = resolve_model_path(model)
-    quant = base_quantization(read_run_config(run_dir)) if run_dir else {}
+    quant = base_quantization(rc) if run_dir else {}
     cfg, params = hf.load_hf_model(model_dir, dtype=dtype, param_dtype=dtype, **quant)
     what = "none (base model)"
     if adapter:
         lora, lcfg = hf.load_peft_adapter(adapter)
         params, what = merge(params, lora, lcfg.scale), f"PEFT adapter {adapter}"
     elif run_dir:
-        lora, lcfg, at = restore_adapter(run_dir, step, params)  # an NF4 run: on its NF4 base
+        lora, lcfg, at = restore_adapter(run_dir, step, params, rc)  # an NF4 run: on its NF4 base
         params, what = merge(params, lora, lcfg.scale, jnp.dtype(dtype)), f"{run_dir} step {at}"
         cfg = cfg.dense
     tok_dir = model_dir if os.path.isdir(model_dir) else os.path.dirname(model_dir)

@@ -10,10 +10,11 @@ policy step: XLA temp 1368 MiB unrolled + remat vs 887 MiB scanned + remat, comp
 Parameters keep their per-layer layout (`layers_i/...`, the HF / PEFT / checkpoint layout);
 `stack_layers` stacks them inside the jitted function, a copy of the decoder weights made once
 per call. A KV cache (the training passes write the prompt's keys once and read them for the n
-responses) is stacked and unstacked the same way. Layers with a repeating pattern (Gemma 3: five
-sliding-window layers, then a global one) are scanned one period at a time, the period unrolled
-in the body. The result equals `Transformer.apply(..., return_hidden=True)` (tested to fp32
-rounding); only dropout masks differ, as they come from per-layer keys split from the one given.
+responses) stays stacked between the two passes (`init_train_cache`, `repeat_cache_rows`).
+Layers with a repeating pattern (Gemma 3: five sliding-window layers, then a global one) are
+scanned one period at a time, the period unrolled in the body. The result equals
+`Transformer.apply(..., return_hidden=True)` (tested to fp32 rounding); only dropout masks
+differ, as they come from per-layer keys split from the one given.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.lora import LoraConfig
-from lorarl_jax.model.transformer import Block, Transformer
+from lorarl_jax.model.transformer import Block, Transformer, init_cache
 
 
 def layer_period(cfg: ModelConfig) -> int:
@@ -52,6 +53,23 @@ def unstack_layers(stacked: list, num_layers: int) -> list:
     ]
 
 
+def init_train_cache(cfg: ModelConfig, batch: int, length: int):
+    """A zeroed KV cache in the layout `hidden_states` reads and returns: a list per layer of
+    {'k','v'} [B, K, S, Dh], or with cfg.scan_layers `period` such dicts of [L/p, B, K, S, Dh]."""
+    if not cfg.scan_layers:
+        return init_cache(cfg, batch, length)
+    p = layer_period(cfg)
+    one = init_cache(cfg.replace(num_layers=p), batch, length)
+    groups = cfg.num_layers // p
+    return [jax.tree.map(lambda x: jnp.zeros((groups, *x.shape), x.dtype), c) for c in one]
+
+
+def repeat_cache_rows(cfg: ModelConfig, cache, n: int):
+    """Each row of a `init_train_cache`-layout cache repeated n times (rows i·n … i·n + n − 1)."""
+    axis = 1 if cfg.scan_layers else 0
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=axis), cache)
+
+
 def hidden_states(
     cfg: ModelConfig,
     lcfg: LoraConfig | None,
@@ -64,7 +82,8 @@ def hidden_states(
     dropout_key=None,
 ):
     """Final-normed hidden states and the updated cache: `Transformer(cfg, lcfg).apply(variables,
-    …, return_hidden=True)`, with the layers unrolled or (cfg.scan_layers) scanned."""
+    …, return_hidden=True)`, with the layers unrolled or (cfg.scan_layers) scanned. `cache` is in
+    the layout of `init_train_cache` and comes back in it."""
     deterministic = dropout_key is None
     model = Transformer(cfg, lcfg, deterministic=deterministic)
     rngs = None if deterministic else {"dropout": dropout_key}
@@ -85,7 +104,7 @@ def hidden_states(
         c: stack_layers([tree[f"layers_{i}"] for i in range(L)], p) for c, tree in variables.items()
     }
     if cache is not None:
-        xs["cache"] = stack_layers(list(cache), p)
+        xs["cache"] = cache
     if not deterministic:
         xs["key"] = jax.random.split(dropout_key, L // p)
     blocks = [Block(cfg, lcfg, cfg.layer_is_sliding(j), deterministic) for j in range(p)]
@@ -111,4 +130,4 @@ def hidden_states(
         body = jax.checkpoint(body)
     x, new_cache = jax.lax.scan(body, x, xs)
     h = model.apply(variables, x, method=Transformer.final_norm)
-    return h, (None if cache is None else unstack_layers(new_cache, L))
+    return h, new_cache

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.lora import LoraConfig
-from lorarl_jax.model.scan import hidden_states
-from lorarl_jax.model.transformer import Transformer, init_cache, positions_from_mask
+from lorarl_jax.model.scan import hidden_states, init_train_cache, repeat_cache_rows
+from lorarl_jax.model.transformer import Transformer, positions_from_mask
 
 
 def response_hidden(cfg, lcfg, base, lora, tokens_BxL, mask_BxL, n_resp, dropout_key=None):
@@ -87,11 +87,11 @@ def shared_prompt_hidden(
         prompt_BxP,
         pos_p,
         kv_p,
-        init_cache(cfg, B, P + N),
+        init_train_cache(cfg, B, P + N),
         jnp.zeros((B,), jnp.int32),
         dropout_key=k1,
     )
-    cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), cache)
+    cache = repeat_cache_rows(cfg, cache, n)
     kv_r = jnp.concatenate([jnp.repeat(pmask_BxP, n, axis=0), rmask_RxN], axis=1)
     pos_r = jnp.repeat(pos_p[:, -1:] + 1, n, axis=0) + jnp.arange(N)[None, :]
     h_r, _ = hidden_states(
