@@ -146,8 +146,10 @@ class Checkpointer:
         self._mgr.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's threads."""
-        self._mgr.close()
+        """Waits for pending saves and releases orbax's threads (once; later calls do nothing)."""
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self._mgr.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -38,6 +38,9 @@ class RolloutCfg:
     overlong_prompt: str = "filter"  # filter | truncate | error
     merge: str = "auto"  # auto | always | never (QLoRA trade-off, see README)
     response_bucket: int = 32  # train on responses trimmed to a multiple of this; 0: never trim
+    # sync gate: mean |log π_sampler − log π_trainer| over sampled tokens, same weights (README)
+    max_logp_gap: float = 0.0  # 0: the default of model.dtype (LOGP_GAP_DEFAULTS)
+    logp_gap_action: str = "warn"  # warn | error | off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,10 @@ class AlgoCfg:
     clip_ratio_high: float = 0.2
     clip_ratio_c: float = 3.0
     loss_agg_mode: str = "token-mean"
+    loss_scale_factor: float = 0.0  # seq-mean-token-sum-norm's constant C; 0: max_new_tokens
+    rollout_is: str = "none"  # none | token | sequence: π_old / π_sampler weights (rollout_corr)
+    rollout_is_mode: str = "truncate"  # truncate (TIS: min(ρ, C)) | mask (drop ρ ∉ [1/C, C])
+    rollout_is_threshold: float = 2.0  # C
     use_kl_loss: bool = True
     kl_loss_type: str = "low_var_kl"
     kl_loss_coef: float = 0.001
@@ -155,6 +162,9 @@ _CHOICES = {
     ("model", "quantization"): ("none", "nf4"),
     ("rollout", "overlong_prompt"): ("filter", "truncate", "error"),
     ("rollout", "merge"): ("auto", "always", "never"),
+    ("rollout", "logp_gap_action"): ("warn", "error", "off"),
+    ("algo", "rollout_is"): ("none", "token", "sequence"),
+    ("algo", "rollout_is_mode"): ("truncate", "mask"),
     ("algo", "adv_estimator"): ("grpo", "drgrpo", "rloo", "reinforce_plus_plus", "gae"),
     ("algo", "loss_agg_mode"): (
         "token-mean",
@@ -177,6 +187,13 @@ _POSITIVE = {
     ("data", "batch_size"),
     ("trainer", "steps"),
 }
+
+
+# rollout.max_logp_gap=0 resolves to the value for model.dtype, from scripts/measure_logp_gap.py
+# on SmolLM2 (README): correct float32 runs ~5e-6, a one-step-stale or never-synced adapter
+# 0.07 after one real update; correct bfloat16 runs 0.03-0.04 (bf16 decode vs bf16 forward), so
+# its gate sits above that noise. float16 is not measured and takes the bfloat16 value.
+LOGP_GAP_DEFAULTS = {"float32": 0.01, "bfloat16": 0.1, "float16": 0.1}
 
 
 def _unknown(key: str, known) -> ValueError:
@@ -230,7 +247,30 @@ def from_config_dict(cd) -> RunConfig:
         )
     if a.adv_estimator in ("grpo", "drgrpo", "rloo") and cfg.rollout.num_generations < 2:
         raise ValueError(f"algo.adv_estimator={a.adv_estimator} needs rollout.num_generations >= 2")
-    return cfg
+    if a.loss_scale_factor < 0:
+        raise ValueError(f"config key algo.loss_scale_factor={a.loss_scale_factor}: must be >= 0")
+    if a.rollout_is_threshold < 1.0:
+        raise ValueError(
+            f"config key algo.rollout_is_threshold={a.rollout_is_threshold}: must be >= 1 "
+            "(weights are clipped to C, or kept inside [1/C, C])"
+        )
+    rc = cfg.rollout
+    if rc.max_logp_gap < 0:
+        raise ValueError(f"config key rollout.max_logp_gap={rc.max_logp_gap}: must be >= 0")
+    for key in ("dtype", "param_dtype"):
+        if getattr(cfg.model, key) not in LOGP_GAP_DEFAULTS:
+            raise ValueError(
+                f"config key model.{key}={getattr(cfg.model, key)!r}: expected one of "
+                f"{list(LOGP_GAP_DEFAULTS)}"
+            )
+    # derived defaults, resolved once so every consumer (and run_config.json) sees the value
+    scale = a.loss_scale_factor or float(rc.max_new_tokens)
+    gap = rc.max_logp_gap or LOGP_GAP_DEFAULTS[cfg.model.dtype]
+    return dataclasses.replace(
+        cfg,
+        algo=dataclasses.replace(a, loss_scale_factor=scale),
+        rollout=dataclasses.replace(rc, max_logp_gap=gap),
+    )
 
 
 def default_config():

@@ -34,6 +34,13 @@ def test_config_validates_and_documents_its_command(path):
         ("rollout", "num_generations", 0, "rollout.num_generations"),
         ("optim", "schedule", "linear", "optim.schedule"),
         ("algo", "reference", "init_adapter", "init_adapter_path"),
+        ("algo", "rollout_is", "seq", "algo.rollout_is"),
+        ("algo", "rollout_is_mode", "clip", "algo.rollout_is_mode"),
+        ("algo", "rollout_is_threshold", 0.5, "algo.rollout_is_threshold"),
+        ("algo", "loss_scale_factor", -1.0, "algo.loss_scale_factor"),
+        ("rollout", "logp_gap_action", "raise", "rollout.logp_gap_action"),
+        ("rollout", "max_logp_gap", -0.1, "rollout.max_logp_gap"),
+        ("model", "dtype", "float8", "model.dtype"),
     ],
 )
 def test_bad_values_name_the_key(group, key, value, needle):
@@ -48,3 +55,22 @@ def test_unknown_key_in_dict_suggests():
     d["algo"]["kl_loss_coeff"] = 0.1
     with pytest.raises(ValueError, match="did you mean 'algo.kl_loss_coef'"):
         from_config_dict(d)
+
+
+def test_derived_defaults_are_resolved_once():
+    """loss_scale_factor defaults to max_new_tokens (a constant, not this batch's length) and
+    max_logp_gap to the value measured for the compute dtype; explicit values are kept."""
+    from lorarl_jax.config import LOGP_GAP_DEFAULTS
+
+    c = default_config()
+    c.rollout.max_new_tokens = 48
+    cfg = from_config_dict(c)
+    assert cfg.algo.loss_scale_factor == 48.0
+    assert cfg.rollout.max_logp_gap == LOGP_GAP_DEFAULTS["float32"]
+    c.model.update(dtype="bfloat16", param_dtype="bfloat16")
+    c.algo.loss_scale_factor = 100.0
+    c.rollout.max_logp_gap = 0.5
+    cfg = from_config_dict(c)
+    assert cfg.algo.loss_scale_factor == 100.0 and cfg.rollout.max_logp_gap == 0.5
+    c.rollout.max_logp_gap = 0.0
+    assert from_config_dict(c).rollout.max_logp_gap == LOGP_GAP_DEFAULTS["bfloat16"]

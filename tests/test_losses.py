@@ -32,8 +32,8 @@ M_2x3 = jnp.array([[1, 1, 1], [1, 0, 0]])
         ("seq-mean-token-sum", 5.0),
         # per-row means [6/3, 4/1] = [2, 4] -> mean 3
         ("seq-mean-token-mean", 3.0),
-        # sum 10 / T (= 3)
-        ("seq-mean-token-sum-norm", 10 / 3),
+        # sum 10 / (B · T) = 10 / (2 · 3)   (no loss_scale_factor: this batch's T)
+        ("seq-mean-token-sum-norm", 10 / 6),
     ],
 )
 def test_agg_modes(mode, expected):
@@ -41,13 +41,41 @@ def test_agg_modes(mode, expected):
 
 
 def test_agg_norm_constant_and_empty_row():
-    # sum 10 / 5
-    _close(losses.agg_loss(L_2x3, M_2x3, "seq-mean-token-sum-norm", norm_constant=5.0), 2.0)
+    # sum 10 / (B · C) = 10 / (2 · 5)
+    _close(losses.agg_loss(L_2x3, M_2x3, "seq-mean-token-sum-norm", loss_scale_factor=5.0), 1.0)
     # a fully masked row is left out of seq-mean-token-mean: only row 0 -> (1+2)/2
     m = jnp.array([[1, 1, 0], [0, 0, 0]])
     _close(losses.agg_loss(L_2x3, m, "seq-mean-token-mean"), 1.5)
     # ... but counts as a zero-loss sequence in seq-mean-token-sum: (3 + 0)/2
     _close(losses.agg_loss(L_2x3, m, "seq-mean-token-sum"), 1.5)
+
+
+@pytest.mark.parametrize(
+    "mode, denominator",
+    [
+        ("token-mean", 7.0),  # response tokens
+        ("seq-mean-token-sum", 4.0),  # rows
+        ("seq-mean-token-mean", 3.0),  # non-empty rows
+        ("seq-mean-token-sum-norm", 4.0 * 5.0),  # rows · C
+    ],
+)
+def test_agg_of_split_batch_adds_up_to_whole(mode, denominator):
+    """Two halves with the whole batch's denominator sum to the whole batch's loss."""
+    L = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0], [1.0, 1.0, 1.0]])
+    M = jnp.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 1]])  # 7 tokens, 3 non-empty rows
+    d = losses.agg_denominator(M, mode, loss_scale_factor=5.0)
+    _close(d, denominator)
+    whole = losses.agg_loss(L, M, mode, 5.0)
+    halves = sum(losses.agg_loss(L[i : i + 2], M[i : i + 2], mode, 5.0, d) for i in (0, 2))
+    _close(halves, whole)
+    # hand-computed whole-batch values: token sums [6, 4, 0, 3]; token means [2, 4, -, 1]
+    expected = {"token-mean": 13 / 7, "seq-mean-token-sum": 13 / 4, "seq-mean-token-mean": 7 / 3}
+    expected["seq-mean-token-sum-norm"] = 13 / 20
+    _close(whole, expected[mode])
+    # per-half denominators (the old micro-batch mean) differ from the whole batch's loss
+    local = sum(losses.agg_loss(L[i : i + 2], M[i : i + 2], mode, 5.0) for i in (0, 2)) / 2
+    if mode in ("token-mean", "seq-mean-token-mean"):
+        assert abs(float(local) - float(whole)) > 1e-2
 
 
 def test_agg_unknown_mode():

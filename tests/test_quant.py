@@ -482,3 +482,24 @@ def test_nf4_on_a_mesh_equals_one_device(tiny_model_dir, tmp_path):
     D._train(one, 1, *extra)
     D._train(mesh, 8, *extra)
     D._assert_close(D._differences(mesh["trainer.output_dir"], one["trainer.output_dir"]))
+
+
+def test_auto_never_merges_into_low_precision_kernels(models):
+    """bf16 compute or bf16 kernels: merge=auto decodes unmerged (a bf16 merge rounds small
+    updates away), whatever the free memory; merge=always still merges and says why not to."""
+    import dataclasses
+
+    cfg, _, qcfg, _ = models
+    huge = 2**50
+    for c in (
+        dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16"),
+        dataclasses.replace(cfg, dtype="bfloat16"),  # fp32 kernels cast to bf16 in the matmul
+        dataclasses.replace(cfg, param_dtype="bfloat16"),
+        dataclasses.replace(qcfg, dtype="bfloat16"),
+    ):
+        merged, why = RW.resolve_merge("auto", c, free_bytes=huge)
+        assert not merged and "bfloat16" in why, (c.dtype, c.param_dtype, why)
+        merged, why = RW.resolve_merge("always", c)
+        assert merged and "round away" in why
+    # NF4 codes are no merge target: an fp32-compute NF4 base follows the memory rule
+    assert RW.resolve_merge("auto", dataclasses.replace(qcfg, param_dtype="bfloat16"), huge)[0]

@@ -1,6 +1,7 @@
 """Train step: adapter-only gradients, masked optimizer, micro-batching, skip on non-finite."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from lorarl_jax.config import AlgoCfg, OptimCfg
 from lorarl_jax.model.hf import load_hf_model
 from lorarl_jax.model.lora import LoraConfig, count_params, init_lora
 from lorarl_jax.model.transformer import Transformer, positions_from_mask
+from lorarl_jax.rl import losses
 from lorarl_jax.rl import step as S
 from lorarl_jax.rl.logprobs import shared_prompt_logprobs, token_logprobs
 
@@ -155,3 +157,98 @@ def test_lr_schedule_warmup_and_cosine():
     assert abs(float(f(14)) - 0.1) < 1e-6
     g = S.lr_schedule(dataclasses.replace(OptimCfg(lr=0.3)), 10)
     assert float(g(0)) == pytest.approx(0.3)
+
+
+def _ragged_batch(B=4, N=12, lengths=(12, 3, 7, 1, 9, 12, 2, 5), vocab=128, seed=3):
+    """B prompts × G responses with very unequal response lengths (and old/ref/sampler logps)."""
+    rng = np.random.default_rng(seed)
+    ptok, pmask = left_padded_batch(vocab, [6, 3, 4, 6][:B], P, seed=seed)
+    R = B * G
+    rmask = (np.arange(N)[None, :] < np.asarray(lengths[:R])[:, None]).astype(np.int32)
+    resp = rng.integers(1, vocab, (R, N)).astype(np.int32) * rmask
+    adv = np.repeat(rng.normal(size=(R, 1)), N, 1).astype(np.float32) * rmask
+    noise = lambda: rng.normal(scale=0.05, size=(R, N)).astype(np.float32)  # noqa: E731
+    return {
+        "prompt_tokens": jnp.asarray(ptok),
+        "prompt_mask": jnp.asarray(pmask),
+        "responses": jnp.asarray(resp),
+        "response_mask": jnp.asarray(rmask),
+        "advantages": jnp.asarray(adv),
+        "_noise": (noise(), noise(), noise()),
+    }
+
+
+def _with_logps(setup, b):
+    cfg, base, lcfg, lora = setup
+    b = dict(b)
+    n_old, n_ref, n_smp = b.pop("_noise")
+    lp, _ = S.compute_logprobs(cfg, lcfg, base, lora, b, n=G, temperature=1.0, chunk=4)
+    m = np.asarray(b["response_mask"])
+    b["old_logp"] = jnp.asarray((np.asarray(lp) + n_old) * m)
+    b["ref_logp"] = jnp.asarray((np.asarray(lp) + n_ref) * m)
+    b["sampler_logp"] = jnp.asarray((np.asarray(lp) + n_smp) * m)
+    return b
+
+
+def _grads(setup, b, algo, n_micro):
+    cfg, base, lcfg, lora = setup
+    loss_fn = functools.partial(
+        S.policy_loss_fn, cfg=cfg, lcfg=lcfg, algo=algo, temperature=1.0, n=G
+    )
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    f = jax.jit(
+        lambda lo, bb: S.accumulate_grads(grad_fn, lo, base, bb, jax.random.key(0), n_micro, algo)
+    )
+    return f(lora, b)
+
+
+def _rel(a, b):
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    num = max(float(jnp.abs(x - y).max()) for x, y in pairs)
+    return num / max(float(jnp.abs(y).max()) for y in jax.tree.leaves(b))
+
+
+@pytest.mark.parametrize("mode", losses.AGG_MODES)
+def test_gradient_does_not_depend_on_micro_batch_size(setup, mode):
+    """Whole mini-batch vs halves vs one group per micro-batch, unequal response lengths, with
+    the KL-loss, entropy and rollout-IS terms on: the same loss, gradient and metrics."""
+    lora = jax.tree.map(lambda x: x + 0.03, setup[3])  # non-zero B: every term has a gradient
+    st = (*setup[:3], lora)
+    algo = AlgoCfg(
+        loss_agg_mode=mode,
+        loss_scale_factor=12.0,
+        use_kl_loss=True,
+        kl_loss_coef=0.1,
+        entropy_coeff=0.01,
+        rollout_is="token",
+    )
+    b = _with_logps(st, _ragged_batch())
+    ref_loss, ref_g, ref_m = _grads(st, b, algo, 1)
+    for n_micro in (2, 4):  # 4 prompts: halves, then one group (G rows) per micro-batch
+        loss, g, m = _grads(st, b, algo, n_micro)
+        assert _rel(g, ref_g) <= 1e-5, (mode, n_micro, _rel(g, ref_g))
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+        for k in ref_m:
+            np.testing.assert_allclose(float(m[k]), float(ref_m[k]), rtol=1e-5, atol=1e-7)
+
+
+def test_drgrpo_constant_does_not_depend_on_response_trimming(setup):
+    """seq-mean-token-sum-norm divides by a constant: responses trimmed to their longest (bucket
+    1), to a multiple of 32, or never trimmed give the same loss and gradient."""
+    from lorarl_jax.rl.experience import trim_length
+
+    lora = jax.tree.map(lambda x: x + 0.03, setup[3])
+    st = (*setup[:3], lora)
+    algo = AlgoCfg(
+        loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=48.0, kl_loss_coef=0.1
+    )
+    full = _with_logps(st, _ragged_batch(N=48, lengths=(28, 3, 7, 1, 9, 12, 2, 5)))
+    outs = {}
+    for bucket in (0, 1, 32):
+        n_keep = trim_length(full["response_mask"], bucket)
+        b = {k: v if k.startswith("prompt_") else v[:, :n_keep] for k, v in full.items()}
+        outs[bucket] = (n_keep, *_grads(st, b, algo, 1))
+    assert [outs[k][0] for k in (0, 1, 32)] == [48, 28, 32]
+    for bucket in (1, 32):
+        np.testing.assert_allclose(float(outs[bucket][1]), float(outs[0][1]), rtol=1e-6)
+        assert _rel(outs[bucket][2], outs[0][2]) <= 1e-5

@@ -62,7 +62,7 @@ def critic_shardings(cfg: ModelConfig, mesh, params, tx):
 class Critic:
     cfg: ModelConfig
     ccfg: CriticCfg
-    loss_agg_mode: str
+    loss_agg_mode: str  # the policy's algo.loss_agg_mode (verl's critic inherits it)
     params: Any
     opt_state: Any
     tx: Any
@@ -72,7 +72,15 @@ class Critic:
 
     @classmethod
     def create(
-        cls, cfg, base, ccfg: CriticCfg, total_steps: int, key, place, loss_agg_mode="token-mean"
+        cls,
+        cfg,
+        base,
+        ccfg: CriticCfg,
+        total_steps: int,
+        key,
+        place,
+        loss_agg_mode="token-mean",
+        loss_scale_factor: float | None = None,
     ):
         """`base`: the dense base weights (on the mesh); the backbone is a copy of them."""
         head = ValueModel(cfg).init(key, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))[
@@ -106,7 +114,12 @@ class Critic:
             out_shardings=repl,
         )
         step = functools.partial(
-            _critic_step, cfg=cfg, tx=tx, clip=ccfg.cliprange_value, agg=loss_agg_mode
+            _critic_step,
+            cfg=cfg,
+            tx=tx,
+            clip=ccfg.cliprange_value,
+            agg=loss_agg_mode,
+            scale=loss_scale_factor,
         )
         step_fn = jax.jit(
             step,
@@ -131,12 +144,13 @@ def _values(params, tokens, attn, n_resp, *, cfg):
     return response_values(cfg, params, tokens, attn, n_resp)
 
 
-def _critic_step(params, opt_state, mb, *, cfg, tx, clip, agg):
+def _critic_step(params, opt_state, mb, *, cfg, tx, clip, agg, scale):
     N = mb["response_mask"].shape[1]
 
     def loss_fn(p):
         v = response_values(cfg, p, mb["tokens"], mb["attention_mask"], N)
-        return losses.value_loss(v, mb["values"], mb["returns"], mb["response_mask"], clip, agg)
+        m = mb["response_mask"]
+        return losses.value_loss(v, mb["values"], mb["returns"], m, clip, agg, scale)
 
     (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(g, opt_state, params)

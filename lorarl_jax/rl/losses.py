@@ -27,32 +27,70 @@ AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mea
 KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 
 
+def agg_denominator(mask_BxT: Array, loss_agg_mode: str, loss_scale_factor: float | None = None):
+    """D of `agg_loss` for a whole (mini-)batch mask; m = mask, B rows, C = loss_scale_factor.
+
+    token-mean:              D = sum(m)                        (tokens)
+    seq-mean-token-sum:      D = B                             (sequences)
+    seq-mean-token-mean:     D = #{b : sum_t m_bt > 0}         (non-empty sequences)
+    seq-mean-token-sum-norm: D = B * C,  C = loss_scale_factor (Dr.GRPO's constant; T if None)
+
+    The train step computes D once over the whole mini-batch and hands it to every micro-batch's
+    `agg_loss`, then sums the micro-batch losses and gradients: the result is the mini-batch's
+    loss whatever the micro-batch size or the number of data shards (as verl and TRL now do).
+    D is clamped to >= 1, so an all-masked batch gives a zero loss.
+    """
+    m = mask_BxT.astype(jnp.float32)
+    if loss_agg_mode == "token-mean":
+        d = jnp.sum(m)
+    elif loss_agg_mode == "seq-mean-token-sum":
+        d = jnp.asarray(m.shape[0], jnp.float32)
+    elif loss_agg_mode == "seq-mean-token-mean":
+        d = jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32))
+    elif loss_agg_mode == "seq-mean-token-sum-norm":
+        c = loss_scale_factor or m.shape[-1]  # None / 0: this batch's T (config sets a constant)
+        d = jnp.asarray(m.shape[0] * c, jnp.float32)
+    else:
+        raise ValueError(f"invalid loss_agg_mode {loss_agg_mode!r}; valid: {list(AGG_MODES)}")
+    return jnp.maximum(d, 1.0)
+
+
 def agg_loss(
     loss_mat_BxT: Array,
     mask_BxT: Array,
     loss_agg_mode: str = "token-mean",
-    norm_constant: float | None = None,
+    loss_scale_factor: float | None = None,
+    denominator: Array | None = None,
 ) -> Array:
-    """Aggregate a token loss matrix into a scalar (verl's agg_loss); L = loss, m = mask.
+    """Aggregate a token loss matrix into a scalar: numerator / D; L = loss, m = mask.
 
     token-mean:              sum(L*m) / sum(m)
-    seq-mean-token-sum:      mean_b sum_t L*m
-    seq-mean-token-mean:     mean_b [sum_t L*m / sum_t m]   over rows with sum_t m > 0
-    seq-mean-token-sum-norm: sum(L*m) / C,  C = norm_constant or T (Dr.GRPO's constant)
+    seq-mean-token-sum:      sum_b sum_t L*m / B
+    seq-mean-token-mean:     sum_b [sum_t L*m / sum_t m] / #{non-empty rows}  (empty rows left out)
+    seq-mean-token-sum-norm: sum(L*m) / (B * C),  C = loss_scale_factor (a fixed constant, verl's
+                             name; Dr.GRPO; equals TRL's loss_type="dr_grpo")
+
+    `denominator`: D computed over the whole mini-batch (`agg_denominator`); None: this batch's.
     """
-    if loss_agg_mode == "token-mean":
-        return masked_mean(loss_mat_BxT, mask_BxT)
-    seq_sum_B = masked_sum(loss_mat_BxT, mask_BxT, axis=-1)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return jnp.mean(seq_sum_B)
+    if denominator is None:
+        denominator = agg_denominator(mask_BxT, loss_agg_mode, loss_scale_factor)
     if loss_agg_mode == "seq-mean-token-mean":
         tokens_B = jnp.sum(mask_BxT.astype(loss_mat_BxT.dtype), axis=-1)
-        # Fully masked rows would be 0/0; they are left out of the sequence mean (as verl does).
-        return masked_mean(seq_sum_B / (tokens_B + 1e-8), tokens_B > 0)
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        norm = loss_mat_BxT.shape[-1] if norm_constant is None else norm_constant
-        return jnp.sum(seq_sum_B) / norm
-    raise ValueError(f"invalid loss_agg_mode {loss_agg_mode!r}; valid: {list(AGG_MODES)}")
+        seq_B = masked_sum(loss_mat_BxT, mask_BxT, axis=-1) / jnp.maximum(tokens_B, 1.0)
+        numerator = jnp.sum(jnp.where(tokens_B > 0, seq_B, 0.0))
+    elif loss_agg_mode in AGG_MODES:
+        numerator = masked_sum(loss_mat_BxT, mask_BxT)
+    else:
+        raise ValueError(f"invalid loss_agg_mode {loss_agg_mode!r}; valid: {list(AGG_MODES)}")
+    return numerator / denominator
+
+
+def token_mean(x_BxT: Array, mask_BxT: Array, n_tokens: Array | None = None) -> Array:
+    """sum(x*m) / n_tokens (default: this batch's sum(m), clamped to >= 1); with the whole
+    mini-batch's token count, micro-batch values add up to the mini-batch's mean."""
+    if n_tokens is None:
+        n_tokens = jnp.maximum(jnp.sum(mask_BxT.astype(jnp.float32)), 1.0)
+    return masked_sum(x_BxT, mask_BxT) / n_tokens
 
 
 def policy_loss(
@@ -65,15 +103,19 @@ def policy_loss(
     clip_ratio_high: float = 0.2,
     clip_ratio_c: float = 3.0,
     loss_agg_mode: str = "token-mean",
+    loss_scale_factor: float | None = None,
+    weights_BxT: Array | None = None,
+    denominator: Array | None = None,
+    n_tokens: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Clipped PPO surrogate with dual clip (verl's compute_policy_loss_vanilla).
 
     d = clip(logp - old_logp, -20, 20);  r = exp(d)
     L1 = -A*r;  L2 = -A*clip(r, 1-eps_low, 1+eps_high);  Lc = max(L1, L2)
     L3 = -A*c;  L = min(L3, Lc) where A < 0 else Lc          (dual clip, c > 1)
-    loss = agg_loss(L, mask, loss_agg_mode)
+    loss = agg_loss(L * w, mask, loss_agg_mode)   w: detached rollout-correction weights (or 1)
     metrics: pg_clipfrac = mean_m[L2 > L1], pg_clipfrac_lower = mean_m[Lc > L3 and A < 0],
-             ppo_kl = mean_m[-d].
+             ppo_kl = mean_m[-d]; token means over `n_tokens` (the mini-batch's count).
     """
     if not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c (dual-clip lower bound) must be > 1.0, got {clip_ratio_c}")
@@ -86,15 +128,18 @@ def policy_loss(
     clip2_BxT = jnp.minimum(pg3_BxT, clip1_BxT)
     negative_BxT = adv_BxT < 0
     losses_BxT = jnp.where(negative_BxT, clip2_BxT, clip1_BxT)
+    if weights_BxT is not None:
+        losses_BxT = losses_BxT * jax.lax.stop_gradient(weights_BxT)
     dtype = losses_BxT.dtype
     metrics = {
-        "pg_clipfrac": masked_mean((pg2_BxT > pg1_BxT).astype(dtype), mask_BxT),
-        "pg_clipfrac_lower": masked_mean(
-            ((clip1_BxT > pg3_BxT) & negative_BxT).astype(dtype), mask_BxT
+        "pg_clipfrac": token_mean((pg2_BxT > pg1_BxT).astype(dtype), mask_BxT, n_tokens),
+        "pg_clipfrac_lower": token_mean(
+            ((clip1_BxT > pg3_BxT) & negative_BxT).astype(dtype), mask_BxT, n_tokens
         ),
-        "ppo_kl": masked_mean(-neg_kl_BxT, mask_BxT),
+        "ppo_kl": token_mean(-neg_kl_BxT, mask_BxT, n_tokens),
     }
-    return agg_loss(losses_BxT, mask_BxT, loss_agg_mode), metrics
+    loss = agg_loss(losses_BxT, mask_BxT, loss_agg_mode, loss_scale_factor, denominator)
+    return loss, metrics
 
 
 def kl_penalty(logp_BxT: Array, ref_logp_BxT: Array, kl_type: str) -> Array:
@@ -124,14 +169,23 @@ def kl_loss(
     mask_BxT: Array,
     kl_type: str = "low_var_kl",
     loss_agg_mode: str = "token-mean",
+    loss_scale_factor: float | None = None,
+    denominator: Array | None = None,
 ) -> Array:
     """KL-in-loss term (use_kl_loss): agg_loss(kl_penalty(logp, ref_logp, kl_type), mask)."""
-    return agg_loss(kl_penalty(logp_BxT, ref_logp_BxT, kl_type), mask_BxT, loss_agg_mode)
+    kl_BxT = kl_penalty(logp_BxT, ref_logp_BxT, kl_type)
+    return agg_loss(kl_BxT, mask_BxT, loss_agg_mode, loss_scale_factor, denominator)
 
 
-def entropy_bonus(entropy_BxT: Array, mask_BxT: Array, loss_agg_mode: str = "token-mean") -> Array:
+def entropy_bonus(
+    entropy_BxT: Array,
+    mask_BxT: Array,
+    loss_agg_mode: str = "token-mean",
+    loss_scale_factor: float | None = None,
+    denominator: Array | None = None,
+) -> Array:
     """agg_loss(entropy, mask, loss_agg_mode); the step subtracts entropy_coeff times this."""
-    return agg_loss(entropy_BxT, mask_BxT, loss_agg_mode)
+    return agg_loss(entropy_BxT, mask_BxT, loss_agg_mode, loss_scale_factor, denominator)
 
 
 def value_loss(
@@ -141,6 +195,7 @@ def value_loss(
     mask_BxT: Array,
     cliprange_value: float,
     loss_agg_mode: str = "token-mean",
+    loss_scale_factor: float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Clipped value loss (verl's compute_value_loss).
 
@@ -153,7 +208,8 @@ def value_loss(
     )
     loss1_BxT = jnp.square(values_BxT - returns_BxT)
     loss2_BxT = jnp.square(clipped_BxT - returns_BxT)
-    loss = 0.5 * agg_loss(jnp.maximum(loss1_BxT, loss2_BxT), mask_BxT, loss_agg_mode)
+    loss_BxT = jnp.maximum(loss1_BxT, loss2_BxT)
+    loss = 0.5 * agg_loss(loss_BxT, mask_BxT, loss_agg_mode, loss_scale_factor)
     clipfrac = masked_mean((loss2_BxT > loss1_BxT).astype(loss1_BxT.dtype), mask_BxT)
     return loss, {"vf_clipfrac": clipfrac}
 

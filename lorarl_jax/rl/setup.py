@@ -165,12 +165,21 @@ def _rollout_weights(cfg: RunConfig, model_cfg, lcfg: LoraConfig, place):
     merged, why = rollout_weights.resolve_merge(cfg.rollout.merge, model_cfg)
     if model_cfg.quantization != "none" or cfg.rollout.merge != "auto":
         print(why)
+    elif rollout_weights.low_precision(model_cfg):
+        print(why)
     merge_fn = shard_lib.jit_merge(place, lcfg.scale, model_cfg.compute_dtype) if merged else None
     return rollout_weights.make_rollout_weights(model_cfg, lcfg, merge_fn)
 
 
 def build(cfg: RunConfig) -> Run:
     tc, rc, dc = cfg.trainer, cfg.rollout, cfg.data
+    if cfg.algo.adv_estimator == "drgrpo" and cfg.algo.loss_agg_mode != "seq-mean-token-sum-norm":
+        print(
+            f"note: algo.adv_estimator=drgrpo with loss_agg_mode={cfg.algo.loss_agg_mode!r} is "
+            "half of Dr.GRPO; its recipe adds --config.algo.loss_agg_mode=seq-mean-token-sum-norm "
+            f"(a constant C = algo.loss_scale_factor = {cfg.algo.loss_scale_factor:g}), as "
+            "configs/drgrpo_smollm2.py does"
+        )
     os.makedirs(tc.output_dir, exist_ok=True)
     distributed.initialize(tc)  # before the first JAX computation
     mesh = mesh_lib.make_mesh(tuple(tc.mesh))
@@ -256,7 +265,16 @@ def build(cfg: RunConfig) -> Run:
         # full-parameter critic: an NF4 base is dequantized for it (it trains every weight)
         dense = quant.dequantize_params(base, model_cfg.param_dtype)
         total = tc.steps * updates_per_step
-        critic = Critic.create(model_cfg.dense, dense, cfg.critic, total, k_update, place)
+        critic = Critic.create(
+            model_cfg.dense,
+            dense,
+            cfg.critic,
+            total,
+            k_update,
+            place,
+            a.loss_agg_mode,
+            a.loss_scale_factor,
+        )
     reward = RewardManager(dc.reward_fns, dc.reward_weights or None, dc.reward_timeout_s)
     ckpt = None
     if tc.ckpt_interval or tc.resume:

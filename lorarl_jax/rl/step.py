@@ -7,11 +7,17 @@
   cosine schedule, global-norm clipping, and an `optax.masked` wrapper whose mask marks the adapter
   leaves (the `lora_a` / `lora_b` leaves) as trainable, so state is 2 × adapter size + counters.
 - Each prompt is run once for its n samples (`shared_prompt_logprobs`); the batch is split into
-  micro-batches of whole groups, accumulated with `lax.scan` (mean of micro-batch grads).
+  micro-batches of whole groups, accumulated with `lax.scan`. Every loss term is divided by the
+  whole mini-batch's denominator (tokens, sequences or Dr.GRPO's B·C, `minibatch_denominators`)
+  and the micro-batch gradients are summed, so the update does not depend on the micro-batch
+  size or on how many data shards hold the batch.
+- `algo.rollout_is` multiplies the per-token policy loss by detached importance weights
+  π_old / π_sampler (`rl/rollout_corr.py`).
 - A non-finite loss or gradient skips the update (params and optimizer state unchanged) and is
   reported as `actor/skipped`.
 
-Loss (verl): L = pg_loss(ratio clip, dual clip) + kl_loss_coef · KL(π‖π_ref) − entropy_coeff · H.
+Loss (verl): L = pg_loss(ratio clip, dual clip; × rollout IS weight) + kl_loss_coef · KL(π‖π_ref)
+− entropy_coeff · H.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lorarl_jax.config import AlgoCfg, OptimCfg
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.lora import LoraConfig
-from lorarl_jax.rl import losses
+from lorarl_jax.rl import losses, rollout_corr
 from lorarl_jax.rl.logprobs import shared_prompt_logprobs
 
 
@@ -59,9 +65,25 @@ def make_optimizer(cfg: OptimCfg, total_steps: int) -> optax.GradientTransformat
     return optax.masked(tx, trainable_mask)
 
 
-def policy_loss_fn(lora, base, mb, key, *, cfg, lcfg, algo: AlgoCfg, temperature: float, n: int):
+def minibatch_denominators(mask_RxN, algo: AlgoCfg) -> dict[str, jax.Array]:
+    """The whole mini-batch's denominators, computed once before it is split into micro-batches:
+    `loss` (agg_loss's D for `algo.loss_agg_mode`), `tokens` (response tokens: token means of the
+    metrics) and `seqs` (non-empty responses)."""
+    m = mask_RxN.astype(jnp.float32)
+    return {
+        "loss": losses.agg_denominator(mask_RxN, algo.loss_agg_mode, algo.loss_scale_factor),
+        "tokens": jnp.maximum(jnp.sum(m), 1.0),
+        "seqs": jnp.maximum(jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32)), 1.0),
+    }
+
+
+def policy_loss_fn(
+    lora, base, mb, key, denoms, *, cfg, lcfg, algo: AlgoCfg, temperature: float, n: int
+):
     """Loss and metrics of one micro-batch: `prompt_tokens`/`prompt_mask` [b, P] and the b·n
-    rows of `responses`, `response_mask`, `advantages`, (`old_logp`, `ref_logp`) [b·n, N]."""
+    rows of `responses`, `response_mask`, `advantages`, (`old_logp`, `ref_logp`,
+    `sampler_logp`) [b·n, N]. Every term is divided by the whole mini-batch's `denoms`, so the
+    micro-batch losses, gradients and metrics (except `*_max`) add up to the mini-batch's."""
     use_dropout = lcfg.lora_dropout > 0
     logp, ent = shared_prompt_logprobs(
         cfg,
@@ -78,9 +100,27 @@ def policy_loss_fn(lora, base, mb, key, *, cfg, lcfg, algo: AlgoCfg, temperature
         dropout_key=key if use_dropout else None,
     )
     mask = mb["response_mask"]
+    agg = dict(
+        loss_agg_mode=algo.loss_agg_mode,
+        loss_scale_factor=algo.loss_scale_factor,
+        denominator=denoms["loss"],
+    )
     # On-policy (one epoch, one mini-batch): π_old is the current policy, so its log-probs are
     # this forward's, detached (as TRL does), which saves a whole forward pass per step.
-    old_logp = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
+    on_policy = "old_logp" not in mb
+    old_logp = jax.lax.stop_gradient(logp) if on_policy else mb["old_logp"]
+    metrics, weights = {}, None
+    if algo.rollout_is != "none":
+        weights, metrics = rollout_corr.rollout_is_weights(
+            old_logp,
+            mb["sampler_logp"],
+            mask,
+            level=algo.rollout_is,
+            mode=algo.rollout_is_mode,
+            threshold=algo.rollout_is_threshold,
+            n_tokens=denoms["tokens"],
+            n_seqs=denoms["seqs"],
+        )
     pg, m = losses.policy_loss(
         logp,
         old_logp,
@@ -89,21 +129,24 @@ def policy_loss_fn(lora, base, mb, key, *, cfg, lcfg, algo: AlgoCfg, temperature
         clip_ratio_low=algo.clip_ratio_low,
         clip_ratio_high=algo.clip_ratio_high,
         clip_ratio_c=algo.clip_ratio_c,
-        loss_agg_mode=algo.loss_agg_mode,
+        weights_BxT=weights,
+        n_tokens=denoms["tokens"],
+        **agg,
     )
     loss = pg
-    metrics = {"actor/pg_loss": pg, **{f"actor/{k}": v for k, v in m.items()}}
+    metrics.update({"actor/pg_loss": pg, **{f"actor/{k}": v for k, v in m.items()}})
     if algo.use_kl_loss:
-        kl = losses.kl_loss(logp, mb["ref_logp"], mask, algo.kl_loss_type, algo.loss_agg_mode)
+        kl = losses.kl_loss(logp, mb["ref_logp"], mask, algo.kl_loss_type, **agg)
         loss = loss + algo.kl_loss_coef * kl
         metrics["actor/kl_loss"] = kl
-    ent_mean = losses.entropy_bonus(ent, mask, algo.loss_agg_mode)
+    ent_mean = losses.entropy_bonus(ent, mask, **agg)
     if algo.entropy_coeff:
         loss = loss - algo.entropy_coeff * ent_mean
     metrics["actor/entropy"] = ent_mean
-    if "sampler_logp" in mb:  # rollout engine vs trainer numerics, as verl reports it
-        gap = jnp.abs(mb["sampler_logp"] - jax.lax.stop_gradient(logp)) * mask
-        metrics["rollout/logp_gap_mean"] = gap.sum() / jnp.maximum(mask.sum(), 1)
+    if on_policy and "sampler_logp" in mb:  # sampler vs trainer on the same weights (verl's
+        # rollout_probs_diff); off-policy the trainer computes it against π_old before updating
+        gap = jnp.abs(mb["sampler_logp"] - old_logp) * mask
+        metrics["rollout/logp_gap_mean"] = gap.sum() / denoms["tokens"]
         metrics["rollout/logp_gap_max"] = gap.max()
     return loss, metrics
 
@@ -114,6 +157,27 @@ def _split_micro(batch, n_micro: int):
 
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def accumulate_grads(grad_fn, lora, base, batch, key, n_micro: int, algo: AlgoCfg, micro_sh=None):
+    """Σ over micro-batches of (loss, grad, metrics) of `grad_fn(lora, base, mb, key, denoms)`,
+    with `denoms` of the whole batch: exactly the whole batch's loss and gradient (up to float
+    summation order). `*_max` metrics take the max over micro-batches."""
+    denoms = minibatch_denominators(batch["response_mask"], algo)
+    micro = _split_micro(batch, n_micro)
+    if micro_sh is not None and n_micro > 1:  # [M, rows/M, ...]: scan over M, rows split
+        micro = jax.lax.with_sharding_constraint(micro, micro_sh)
+    keys = jax.random.split(key, n_micro)
+
+    def acc(carry, xs):
+        mb, k = xs
+        (loss, metrics), g = grad_fn(lora, base, mb, k, denoms)
+        return jax.tree.map(jnp.add, carry, g), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, lora)
+    grads, (loss_M, metrics_M) = jax.lax.scan(acc, zeros, (micro, keys))
+    metrics = {k: v.max() if k.endswith("_max") else v.sum() for k, v in metrics_M.items()}
+    return loss_M.sum(), grads, metrics
 
 
 def make_policy_step(
@@ -149,20 +213,9 @@ def make_policy_step(
 
     @functools.partial(jax.jit, donate_argnums=(0, 1), **jit_kw)
     def step(lora, opt_state, base, batch, key):
-        micro = _split_micro(batch, n_micro)
-        if micro_sh is not None and n_micro > 1:  # [M, rows/M, ...]: scan over M, rows split
-            micro = jax.lax.with_sharding_constraint(micro, micro_sh)
-        keys = jax.random.split(key, n_micro)
-
-        def acc(carry, xs):
-            mb, k = xs
-            (loss, metrics), g = grad_fn(lora, base, mb, k)
-            carry = jax.tree.map(lambda a, b: a + b / n_micro, carry, g)
-            return carry, (loss, metrics)
-
-        zeros = jax.tree.map(jnp.zeros_like, lora)
-        grads, (loss_M, metrics_M) = jax.lax.scan(acc, zeros, (micro, keys))
-        loss = loss_M.mean()
+        loss, grads, metrics = accumulate_grads(
+            grad_fn, lora, base, batch, key, n_micro, algo, micro_sh
+        )
         ok = _all_finite(grads) & jnp.isfinite(loss)
 
         def apply(_):
@@ -172,7 +225,6 @@ def make_policy_step(
         # a cond, not a per-leaf `where(ok, new, old)`: with the predicate reducing every
         # gradient, XLA:CPU took ~100 s longer to compile the 420 adapter leaves' selects
         new_lora, new_opt = jax.lax.cond(ok, apply, lambda _: (lora, opt_state), None)
-        metrics = {k: v.max() if k.endswith("_max") else v.mean() for k, v in metrics_M.items()}
         metrics.update(
             {
                 "actor/loss": loss,

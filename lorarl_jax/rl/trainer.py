@@ -14,6 +14,8 @@ Per step (verl's order):
   token_rewards = scores − β·KL  (optional)       fixed or adaptive β
   advantages = estimator(token_rewards)           grpo | drgrpo | rloo | reinforce++ | gae
   ppo_epochs × mini-batches of the jitted step    gradients w.r.t. the adapter only
+  sync gate                                       sampler vs trainer log-prob gap
+                                                  (rollout.max_logp_gap: warn | error | off)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
@@ -131,10 +134,12 @@ def rollout_step(run: Run, batch, step: int):
     )
     lengths = np.asarray(rmask).sum(-1)
     if old_logp is not None:
+        metrics["actor/entropy_old"] = _masked_mean(entropy, rmask)
+    if run.off_policy:  # sampler vs trainer on the rollout's weights, before any update;
+        # on-policy the policy step measures it on its own forward (one value, one key)
         gap = np.abs(np.asarray(slogp) - np.asarray(old_logp)) * rmask
         metrics["rollout/logp_gap_mean"] = float(gap.sum() / max(rmask.sum(), 1))
         metrics["rollout/logp_gap_max"] = float(gap.max())
-        metrics["actor/entropy_old"] = _masked_mean(entropy, rmask)
     if ref_logp is not None:  # KL(π_old ‖ π_ref), k1 estimate, sampled tokens
         ref_from = old_logp if old_logp is not None else slogp
         metrics["actor/kl"] = _masked_mean(np.asarray(ref_from) - np.asarray(ref_logp), rmask)
@@ -166,6 +171,14 @@ def rollout_step(run: Run, batch, step: int):
     return train_batch, metrics
 
 
+def aggregate_updates(acc: dict[str, list[float]]) -> dict[str, float]:
+    """One step's metrics from its updates' values: `*_max` the max, `actor/skipped` the count
+    of skipped updates, everything else the mean over the mini-batch updates."""
+    out = {k: float(np.max(v) if k.endswith("_max") else np.mean(v)) for k, v in acc.items()}
+    out["actor/skipped"] = float(np.sum(acc.get("actor/skipped", [0.0])))
+    return out
+
+
 def update_step(run: Run, tb, step: int):
     """ppo_epochs × mini-batches of the jitted policy step (and critic step for PPO)."""
     algo, n = run.cfg.algo, run.cfg.rollout.num_generations
@@ -186,8 +199,7 @@ def update_step(run: Run, tb, step: int):
                 m = {**m, **run.critic.update(mb)}
             for k, v in jax.device_get(m).items():
                 acc.setdefault(k, []).append(float(v))
-    out = {k: float(np.mean(v)) for k, v in acc.items()}
-    out["actor/skipped"] = float(np.sum(acc.get("actor/skipped", [0.0])))
+    out = aggregate_updates(acc)
     out["actor/lr"] = float(run.lr_schedule(run.opt_steps()))
     out["time/update"] = time.perf_counter() - t0
     return out
@@ -225,10 +237,61 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
     return metrics
 
 
+class LogpGapError(ValueError):
+    """The sampler's log-probs do not match the trainer's on the same weights (main: one line)."""
+
+
+class LogpGapGate:
+    """`rollout.max_logp_gap` / `rollout.logp_gap_action`: a loud check that rollouts sample the
+    policy being trained. The most reported silent LoRA-RL failure is a weight sync that never
+    reaches the sampler; the mean |log π_sampler − log π_trainer| over the sampled tokens (the
+    same weights, computed by the sampler and by the training forward) shows it at once.
+    `warn`: one line on stderr, repeated at most every `WARN_EVERY` steps; `error`: raise before
+    the step's checkpoint is written, so the last checkpoint stays the last good state."""
+
+    WARN_EVERY = 10
+
+    def __init__(self, threshold: float, action: str):
+        self.threshold, self.action, self.last_warned = threshold, action, None
+        self.fired = 0
+
+    def check(self, step: int, metrics: dict) -> None:
+        gap = metrics.get("rollout/logp_gap_mean")
+        if self.action == "off" or gap is None or gap <= self.threshold:
+            return
+        self.fired += 1
+        msg = (
+            f"step {step}: sampler-vs-trainer log-prob gap {gap:.4g} (max "
+            f"{metrics.get('rollout/logp_gap_max', float('nan')):.3g}) > rollout.max_logp_gap="
+            f"{self.threshold:g}: rollouts do not sample the trained policy (a stale or broken "
+            "adapter sync, or low-precision merged kernels: try rollout.merge=never)"
+        )
+        if self.action == "error":
+            raise LogpGapError(msg)
+        if self.last_warned is None or step - self.last_warned >= self.WARN_EVERY:
+            print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+            self.last_warned = step
+
+
 def train(cfg: RunConfig) -> dict:
     """Runs the whole job; returns a summary (first/last validation and final paths)."""
-    run = build(cfg)
+    return train_run(build(cfg))
+
+
+def train_run(run: Run) -> dict:
+    """The loop over a built run (tests and scripts may swap a part of it first)."""
+    try:
+        return _loop(run)
+    except BaseException:
+        if run.ckpt is not None:  # finish pending saves: the last checkpoint stays restorable
+            run.ckpt.close()
+        raise
+
+
+def _loop(run: Run) -> dict:
+    cfg = run.cfg
     tc = cfg.trainer
+    gate = LogpGapGate(cfg.rollout.max_logp_gap, cfg.rollout.logp_gap_action)
     summary: dict = {"start_step": run.step}
     if tc.eval_before and run.step == 0:
         m = run_eval(run, 0)
@@ -241,6 +304,7 @@ def train(cfg: RunConfig) -> dict:
         batch = next(run.data_iter)
         tb, metrics = rollout_step(run, batch, step)
         metrics.update(update_step(run, tb, step))
+        gate.check(step, metrics)
         n_tok = float(np.asarray(tb["response_mask"]).sum())
         metrics["time/step"] = time.perf_counter() - t0
         metrics["perf/tokens_per_s"] = n_tok / metrics["time/step"]
