@@ -194,6 +194,7 @@ _POSITIVE = {
 # 0.07 after one real update; correct bfloat16 runs 0.03-0.04 (bf16 decode vs bf16 forward), so
 # its gate sits above that noise. float16 is not measured and takes the bfloat16 value.
 LOGP_GAP_DEFAULTS = {"float32": 0.01, "bfloat16": 0.1, "float16": 0.1}
+DTYPES = tuple(LOGP_GAP_DEFAULTS)  # model.dtype / param_dtype
 
 
 def _unknown(key: str, known) -> ValueError:
@@ -258,11 +259,9 @@ def from_config_dict(cd) -> RunConfig:
     if rc.max_logp_gap < 0:
         raise ValueError(f"config key rollout.max_logp_gap={rc.max_logp_gap}: must be >= 0")
     for key in ("dtype", "param_dtype"):
-        if getattr(cfg.model, key) not in LOGP_GAP_DEFAULTS:
-            raise ValueError(
-                f"config key model.{key}={getattr(cfg.model, key)!r}: expected one of "
-                f"{list(LOGP_GAP_DEFAULTS)}"
-            )
+        value = getattr(cfg.model, key)
+        if value not in DTYPES:
+            raise ValueError(f"config key model.{key}={value!r}: expected one of {list(DTYPES)}")
     # derived defaults, resolved once so every consumer (and run_config.json) sees the value
     scale = a.loss_scale_factor or float(rc.max_new_tokens)
     gap = rc.max_logp_gap or LOGP_GAP_DEFAULTS[cfg.model.dtype]

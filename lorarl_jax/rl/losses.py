@@ -89,7 +89,7 @@ def token_mean(x_BxT: Array, mask_BxT: Array, n_tokens: Array | None = None) -> 
     """sum(x*m) / n_tokens (default: this batch's sum(m), clamped to >= 1); with the whole
     mini-batch's token count, micro-batch values add up to the mini-batch's mean."""
     if n_tokens is None:
-        n_tokens = jnp.maximum(jnp.sum(mask_BxT.astype(jnp.float32)), 1.0)
+        n_tokens = agg_denominator(mask_BxT, "token-mean")
     return masked_sum(x_BxT, mask_BxT) / n_tokens
 
 

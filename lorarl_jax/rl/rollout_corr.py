@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lorarl_jax.rl.advantages import masked_sum
+from lorarl_jax.rl.losses import agg_denominator
 
 Array = jax.Array
 LEVELS = ("none", "token", "sequence")
@@ -50,12 +51,12 @@ def rollout_is_weights(
     log_rho_BxT = jnp.clip(old_logp_BxT - sampler_logp_BxT, -20.0, 20.0).astype(jnp.float32)
     if level == "token":
         log_rho, unit = log_rho_BxT, m_BxT
-        denom = jnp.maximum(jnp.sum(m_BxT), 1.0) if n_tokens is None else n_tokens
+        denom = agg_denominator(mask_BxT, "token-mean") if n_tokens is None else n_tokens
     elif level == "sequence":
         tokens_B = jnp.sum(m_BxT, axis=-1)
         log_rho = masked_sum(log_rho_BxT, m_BxT, axis=-1) / jnp.maximum(tokens_B, 1.0)
         unit = (tokens_B > 0).astype(jnp.float32)
-        denom = jnp.maximum(jnp.sum(unit), 1.0) if n_seqs is None else n_seqs
+        denom = agg_denominator(mask_BxT, "seq-mean-token-mean") if n_seqs is None else n_seqs
     else:
         raise ValueError(f"rollout_is level must be one of {list(LEVELS[1:])}, got {level!r}")
     rho = jnp.exp(log_rho)

@@ -163,9 +163,8 @@ def _init_adapter(cfg: RunConfig, model_cfg, base, key, mesh):
 def _rollout_weights(cfg: RunConfig, model_cfg, lcfg: LoraConfig, place):
     """`rollout.merge`: merged weights (laid out for decode) or base + adapter unmerged."""
     merged, why = rollout_weights.resolve_merge(cfg.rollout.merge, model_cfg)
-    if model_cfg.quantization != "none" or cfg.rollout.merge != "auto":
-        print(why)
-    elif rollout_weights.low_precision(model_cfg):
+    quiet = model_cfg.quantization == "none" and not rollout_weights.low_precision(model_cfg)
+    if not quiet or cfg.rollout.merge != "auto":
         print(why)
     merge_fn = shard_lib.jit_merge(place, lcfg.scale, model_cfg.compute_dtype) if merged else None
     return rollout_weights.make_rollout_weights(model_cfg, lcfg, merge_fn)

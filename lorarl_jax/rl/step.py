@@ -69,11 +69,10 @@ def minibatch_denominators(mask_RxN, algo: AlgoCfg) -> dict[str, jax.Array]:
     """The whole mini-batch's denominators, computed once before it is split into micro-batches:
     `loss` (agg_loss's D for `algo.loss_agg_mode`), `tokens` (response tokens: token means of the
     metrics) and `seqs` (non-empty responses)."""
-    m = mask_RxN.astype(jnp.float32)
     return {
         "loss": losses.agg_denominator(mask_RxN, algo.loss_agg_mode, algo.loss_scale_factor),
-        "tokens": jnp.maximum(jnp.sum(m), 1.0),
-        "seqs": jnp.maximum(jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32)), 1.0),
+        "tokens": losses.agg_denominator(mask_RxN, "token-mean"),
+        "seqs": losses.agg_denominator(mask_RxN, "seq-mean-token-mean"),
     }
 
 
