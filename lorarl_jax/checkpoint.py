@@ -19,11 +19,21 @@ Design:
   "save the first step" policy, so off-interval ``save`` returns False unless ``force=True``.
   Retention: ``LatestN(max_to_keep)``.
 - Multi-process: every process calls every method; orbax does the primary-host writes and barriers.
+- Corrupt steps: a finalised step can still be unreadable (array files truncated or deleted by a
+  full disk or a partial copy, garbage JSON). ``restore_or_none`` tries the finalised steps newest
+  first; one that fails to restore is moved aside (``quarantine``: renamed to ``<step>.corrupt``,
+  or ``<step>.corrupt-1``, ... if taken; nothing is deleted) with a warning on stderr, and the
+  next older step is tried. The ``.corrupt`` names are neither steps nor orbax tmp dirs, so
+  ``all_steps`` does not list them (after ``CheckpointManager.reload``) and the tmp cleanup keeps
+  them; the resumed run redoes the broken step and saves it again under the same number. Only
+  process 0 renames; a barrier then lets every process reload the step list. If no step
+  restores, ``ValueError`` (the directory, every step's reason); the steps stay as ``*.corrupt``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Literal
 
 import jax
@@ -141,6 +151,30 @@ class Checkpointer:
         )
         return out
 
+    def step_dir(self, step: int) -> epath.Path:
+        """The directory of finalised ``step``: ``<directory>/<step>`` (orbax's default naming)."""
+        return self.directory / str(step)
+
+    def quarantine(self, step: int) -> epath.Path | None:
+        """Moves the finalised ``step`` aside, to ``<step>.corrupt`` (``.corrupt-1``, ... if taken).
+
+        Nothing is deleted. Process 0 renames (it returns the new path; other processes None), all
+        processes then meet at a barrier and reload orbax's step list, so ``all_steps`` and
+        ``latest_step`` no longer list ``step`` and a later ``save(step, ...)`` writes it anew.
+        """
+        moved = None
+        src = self.step_dir(step)
+        if jax.process_index() == 0 and src.exists():
+            moved = self.directory / f"{step}.corrupt"
+            n = 0
+            while moved.exists():
+                n += 1
+                moved = self.directory / f"{step}.corrupt-{n}"
+            src.rename(moved)
+        ocp.multihost.sync_global_processes(f"lorarl_checkpoint_quarantine_{step}")
+        self._mgr.reload()
+        return moved
+
     def wait(self) -> None:
         """Blocks until pending async saves are finalised (renamed from tmp to ``<step>``)."""
         self._mgr.wait_until_finished()
@@ -158,24 +192,61 @@ class Checkpointer:
         self.close()
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def restore_or_none(
     ckpt: Checkpointer, abstract_state: dict[str, Any], *, resume: bool | Literal["auto"]
 ) -> dict[str, Any] | None:
-    """The latest checkpoint if resuming, else None (start fresh).
+    """The newest checkpoint that restores if resuming, else None (start fresh).
 
     ``resume=True`` requires a checkpoint (clear error if there is none); ``"auto"`` restores one
     if present (the re-launch-after-preemption case); ``False`` never restores.
+
+    Finalised steps are tried newest first. Once one restores, every newer step that failed (any
+    exception) is moved aside to ``<step>.corrupt`` (``Checkpointer.quarantine``; the run will
+    save those step numbers again) with a warning on stderr naming its directory and the reason.
+    If none restores: ``ValueError`` naming the directory and every step's reason, renaming
+    nothing (a config that no longer matches fails every step the same way), for either mode.
     """
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     if resume is False:
         return None
-    step = ckpt.latest_step()
-    if step is None:
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    if not steps:
         if resume == "auto":
             return None
         raise FileNotFoundError(
             f"resume=True but {ckpt.directory} holds no finalised checkpoint "
-            "(unfinished tmp dirs from a killed save do not count); set resume=False or 'auto'"
+            "(unfinished tmp dirs from a killed save do not count); "
+            "set trainer.resume=False to start a new run"
         )
-    return ckpt.restore(step, abstract_state=abstract_state)
+    broken = []  # (step, reason): moved aside only once an older step has restored
+    for step in steps:
+        try:
+            restored = ckpt.restore(step, abstract_state=abstract_state)
+        except Exception as exc:  # any failure of a finalised step: try the next older one
+            broken.append((step, _one_line(exc)))
+            continue
+        for bad, reason in broken:
+            step_dir = ckpt.step_dir(bad)
+            moved = ckpt.quarantine(bad)
+            if moved is not None:  # process 0 renamed it
+                print(
+                    f"WARNING: checkpoint {step_dir} failed to restore: {reason}; moved it "
+                    f"aside to {moved.name} and resumed from step {step}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return restored
+    listed = "; ".join(f"step {s} ({r})" for s, r in broken)
+    raise ValueError(
+        f"no checkpoint in {ckpt.directory} restores (nothing was renamed or deleted): {listed}; "
+        "if the reasons point at a changed config (shapes, tree structure) rather than damaged "
+        "files, resume with the original config"
+    )

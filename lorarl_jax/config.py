@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 from typing import Any
 
 from lorarl_jax.model.lora import LoraConfig
@@ -72,6 +74,12 @@ class AlgoCfg:
     micro_batch_size: int = 0  # sequences per gradient micro-batch; 0 = the whole mini-batch
     reference: str = "base"  # base | init_adapter
     logprob_chunk: int = 64
+    # run guards: stop after this many consecutive steps whose every update was skipped
+    # (non-finite loss or gradient); 0: never stop
+    max_skipped_steps: int = 5
+    # stop (before checkpointing) when any adapter weight exceeds this magnitude: a finite but
+    # catastrophic update (e.g. optim.lr far too high); 0: no limit
+    max_adapter_absmax: float = 1e4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +115,9 @@ class DataCfg:
     reward_fns: tuple[str, ...] = ("builtin",)
     reward_weights: tuple[float, ...] = ()
     reward_timeout_s: float = 60.0
+    # stop after this many consecutive steps in which a reward function gave nothing usable
+    # (every sample an error, timeout, None or NaN); 0: never stop
+    max_failed_reward_steps: int = 5
     arith_n_train: int = 2000
     arith_n_val: int = 200
     arith_ops: str = "+-"
@@ -178,15 +189,87 @@ _CHOICES = {
     ("algo", "reference"): ("base", "init_adapter"),
     ("optim", "schedule"): ("constant", "cosine"),
 }
-_POSITIVE = {
-    ("rollout", "num_generations"),
-    ("rollout", "max_prompt_length"),
-    ("rollout", "max_new_tokens"),
-    ("algo", "ppo_epochs"),
-    ("algo", "logprob_chunk"),
-    ("data", "batch_size"),
-    ("trainer", "steps"),
+# The natural range of every numeric key, checked when the config is validated (before anything
+# is built): "[lo, hi]" with "(" / ")" for open ends and "inf" for no bound; "int" marks integer
+# keys. Keys with a cross-key rule (e.g. algo.micro_batch_size divides the mini-batch) are
+# checked again where both values are known.
+RANGES = {
+    ("lora", "r"): "int [1, inf)",
+    ("lora", "lora_alpha"): "(0, inf)",
+    ("lora", "lora_dropout"): "[0, 1)",
+    ("rollout", "num_generations"): "int [1, inf)",
+    ("rollout", "temperature"): "(0, inf)",
+    ("rollout", "top_p"): "(0, 1]",
+    ("rollout", "top_k"): "int [0, inf)",
+    ("rollout", "max_prompt_length"): "int [1, inf)",
+    ("rollout", "max_new_tokens"): "int [1, inf)",
+    ("rollout", "response_bucket"): "int [0, inf)",
+    ("rollout", "max_logp_gap"): "[0, inf)",
+    ("algo", "gamma"): "[0, 1]",
+    ("algo", "lam"): "[0, 1]",
+    ("algo", "clip_ratio_low"): "[0, 1)",
+    ("algo", "clip_ratio_high"): "[0, inf)",
+    ("algo", "clip_ratio_c"): "(1, inf)",
+    ("algo", "loss_scale_factor"): "[0, inf)",
+    ("algo", "rollout_is_threshold"): "[1, inf)",
+    ("algo", "kl_loss_coef"): "[0, inf)",
+    ("algo", "kl_coef"): "[0, inf)",
+    ("algo", "target_kl"): "(0, inf)",
+    ("algo", "kl_horizon"): "int [1, inf)",
+    ("algo", "entropy_coeff"): "[0, inf)",
+    ("algo", "ppo_epochs"): "int [1, inf)",
+    ("algo", "ppo_mini_batch_size"): "int [0, inf)",
+    ("algo", "micro_batch_size"): "int [0, inf)",
+    ("algo", "logprob_chunk"): "int [1, inf)",
+    ("algo", "max_skipped_steps"): "int [0, inf)",
+    ("algo", "max_adapter_absmax"): "[0, inf)",
+    ("critic", "lr"): "(0, inf)",
+    ("critic", "cliprange_value"): "(0, inf)",
+    ("critic", "warmup_steps"): "int [0, inf)",
+    ("critic", "grad_clip"): "[0, inf)",
+    ("optim", "lr"): "(0, inf)",
+    ("optim", "warmup_steps"): "int [0, inf)",
+    ("optim", "min_lr_ratio"): "[0, 1]",
+    ("optim", "weight_decay"): "[0, inf)",
+    ("optim", "grad_clip"): "[0, inf)",
+    ("optim", "b1"): "[0, 1)",
+    ("optim", "b2"): "[0, 1)",
+    ("optim", "eps"): "(0, inf)",
+    ("data", "batch_size"): "int [1, inf)",
+    ("data", "val_batch_size"): "int [1, inf)",
+    ("data", "max_val_samples"): "int [0, inf)",
+    ("data", "pad_multiple"): "int [1, inf)",
+    ("data", "reward_timeout_s"): "(0, inf)",
+    ("data", "arith_n_train"): "int [1, inf)",
+    ("data", "arith_n_val"): "int [0, inf)",
+    ("data", "arith_max_operand"): "int [1, inf)",
+    ("data", "max_failed_reward_steps"): "int [0, inf)",
+    ("trainer", "steps"): "int [1, inf)",
+    ("trainer", "seed"): "int [0, inf)",
+    ("trainer", "log_interval"): "int [1, inf)",
+    ("trainer", "eval_interval"): "int [0, inf)",
+    ("trainer", "ckpt_interval"): "int [0, inf)",
+    ("trainer", "max_to_keep"): "int [1, inf)",
+    ("trainer", "num_processes"): "int [0, inf)",
+    ("trainer", "process_id"): "int [-1, inf)",
 }
+_RANGE_RE = re.compile(r"(int )?([\[(])(-?[\d.e]+|-inf), (-?[\d.e]+|inf)([\])])$")
+
+
+def check_range(key: str, value, spec: str) -> None:
+    """Raises ValueError naming `key` unless `value` is a number inside `spec` (see RANGES)."""
+    m = _RANGE_RE.match(spec)
+    is_int, lo_b, lo, hi, hi_b = m.groups()
+    lo, hi = float(lo), float(hi)
+    ok_type = isinstance(value, int) if is_int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        kind = "an integer" if is_int else "a number"
+        raise ValueError(f"config key {key}={value!r}: must be {kind} in {spec.split()[-1]}")
+    v = float(value)
+    above = v > lo if lo_b == "(" else v >= lo
+    inside = not math.isnan(v) and above and (v < hi if hi_b == ")" else v <= hi)
+    if not inside:
+        raise ValueError(f"config key {key}={value!r}: must be in {spec.removeprefix('int ')}")
 
 
 # rollout.max_logp_gap=0 resolves to the value for model.dtype, from scripts/measure_logp_gap.py
@@ -215,8 +298,8 @@ def _build(group: str, cls, values: dict[str, Any]):
         choices = _CHOICES.get((group, k))
         if choices and v not in choices:
             raise ValueError(f"config key {group}.{k}={v!r}: expected one of {list(choices)}")
-        if (group, k) in _POSITIVE and not (isinstance(v, (int, float)) and v > 0):
-            raise ValueError(f"config key {group}.{k}={v!r}: must be positive")
+        if (group, k) in RANGES:
+            check_range(f"{group}.{k}", v, RANGES[(group, k)])
     try:
         return cls(**kw)
     except (TypeError, ValueError) as e:
@@ -234,8 +317,6 @@ def from_config_dict(cd) -> RunConfig:
     groups = {g: _build(g, cls, d.get(g, {}) or {}) for g, cls in _GROUPS.items()}
     cfg = RunConfig(init_adapter_path=init_adapter, **groups)
     a, data = cfg.algo, cfg.data
-    if a.clip_ratio_c <= 1.0:
-        raise ValueError(f"config key algo.clip_ratio_c={a.clip_ratio_c}: must be > 1")
     if a.reference == "init_adapter" and not cfg.init_adapter_path:
         raise ValueError("algo.reference='init_adapter' needs lora.init_adapter_path")
     if data.reward_weights and len(data.reward_weights) != len(data.reward_fns):
@@ -248,16 +329,10 @@ def from_config_dict(cd) -> RunConfig:
         )
     if a.adv_estimator in ("grpo", "drgrpo", "rloo") and cfg.rollout.num_generations < 2:
         raise ValueError(f"algo.adv_estimator={a.adv_estimator} needs rollout.num_generations >= 2")
-    if a.loss_scale_factor < 0:
-        raise ValueError(f"config key algo.loss_scale_factor={a.loss_scale_factor}: must be >= 0")
-    if a.rollout_is_threshold < 1.0:
-        raise ValueError(
-            f"config key algo.rollout_is_threshold={a.rollout_is_threshold}: must be >= 1 "
-            "(weights are clipped to C, or kept inside [1/C, C])"
-        )
     rc = cfg.rollout
-    if rc.max_logp_gap < 0:
-        raise ValueError(f"config key rollout.max_logp_gap={rc.max_logp_gap}: must be >= 0")
+    for i, w in enumerate(data.reward_weights):
+        if not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"config key data.reward_weights[{i}]={w!r}: must be a finite number")
     for key in ("dtype", "param_dtype"):
         value = getattr(cfg.model, key)
         if value not in DTYPES:

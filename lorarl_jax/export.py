@@ -1,8 +1,9 @@
 """Checkpoint → PEFT adapter / merged HF model, using the run's recorded configuration.
 
-A run writes `run_config.json` (the validated RunConfig) when it starts; export rebuilds the
-adapter's abstract tree from it and the base model's shapes, restores only the `lora` item of the
-orbax checkpoint, and writes it through the same HF name table as the trainer's final export.
+A run writes `run_config.json` (the validated RunConfig) once its checks pass (`run_dir.py`);
+export rebuilds the adapter's abstract tree from it and the base model's shapes, restores only
+the `lora` item of the orbax checkpoint, and writes it through the same HF name table as the
+trainer's final export.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import jax.numpy as jnp
 from lorarl_jax.checkpoint import Checkpointer
 from lorarl_jax.model import hf
 from lorarl_jax.model.lora import LoraConfig, init_lora, merge
-
-RUN_CONFIG = "run_config.json"
+from lorarl_jax.run_dir import RUN_CONFIG
 
 
 def read_run_config(run_dir: str) -> dict:

@@ -82,7 +82,7 @@ def make_engine(policy: Policy, **engine_kwargs):
     )
 
 
-def start_server(engine, port: int, host: str = "[::]", threads: int | None = None):
+def start_server(engine, port: int, host: str = "127.0.0.1", threads: int | None = None):
     """Starts JetStream's gRPC server (interleaved prefill/generate on one device); returns it.
 
     JetStream 0.2.2 binds `server_lib._HOST` ("[::]", all interfaces): `host` replaces it.
@@ -105,7 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--adapter", help="PEFT adapter directory to merge")
     src.add_argument("--run-dir", help="training output_dir: merge its orbax checkpoint")
     p.add_argument("--step", type=int, default=None, help="with --run-dir; default: latest")
-    p.add_argument("--host", default="[::]")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (insecure gRPC, no auth): 127.0.0.1 by default; '[::]' or "
+        "'0.0.0.0' exposes the server to the network deliberately",
+    )
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--slots", type=int, default=8, help="concurrent decodes (batch rows)")
     p.add_argument("--max-prefill-length", type=int, default=256, help="16, 32, …, 32768")

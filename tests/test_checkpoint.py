@@ -152,7 +152,10 @@ def test_restore_or_none(tmp_path):
         assert ck.latest_step() is None
         assert restore_or_none(ck, abstract, resume=False) is None
         assert restore_or_none(ck, abstract, resume="auto") is None
-        with pytest.raises(FileNotFoundError, match="resume=True but .* no finalised checkpoint"):
+        with pytest.raises(
+            FileNotFoundError,
+            match="resume=True but .* no finalised checkpoint.*set trainer.resume=False to start",
+        ):
             restore_or_none(ck, abstract, resume=True)
         ck.save(3, make_state(3))
         ck.wait()
@@ -170,6 +173,88 @@ def test_save_rejects_bad_state(tmp_path):
             ck.save(1, state | {"base": state["lora"]})  # frozen weights never go in a checkpoint
         with pytest.raises(TypeError, match="typed key"):
             ck.save(1, state | {"rng": jax.random.PRNGKey(0)})
+
+
+def _files(path) -> list:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def corrupt(step_dir, how: str) -> None:
+    """Damages a finalised step in place, the ways a full disk or a partial copy would."""
+    if how == "truncate_lora":
+        files = _files(step_dir / "lora")
+        for f in files:
+            f.write_bytes(b"")
+    elif how == "truncate_lora_data":  # metadata intact: the array reads fail (tensorstore)
+        files = [f for f in _files(step_dir / "lora") if f.parent.name == "d"]
+        for f in files:
+            f.write_bytes(f.read_bytes()[:10])
+    elif how == "delete_lora":
+        files = _files(step_dir / "lora")
+        for f in files:
+            f.unlink()
+    else:  # garbage_meta
+        files = _files(step_dir / "meta")
+        for f in files:
+            f.write_bytes(b"\x00garbage{not json")
+    assert files
+
+
+@pytest.mark.parametrize(
+    "how", ["truncate_lora", "truncate_lora_data", "delete_lora", "garbage_meta"]
+)
+def test_corrupt_latest_falls_back_and_is_kept(tmp_path, capsys, how):
+    abstract = abstract_of(make_state(0))
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=None) as ck:
+        for s in (1, 2, 3):
+            assert ck.save(s, make_state(s))
+        ck.wait()
+    corrupt(tmp_path / "3", how)
+
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=None) as ck:
+        assert ck.latest_step() == 3  # still finalised: only a restore can tell
+        assert_state_equal(restore_or_none(ck, abstract, resume=True), make_state(2))
+        err = capsys.readouterr().err
+        assert f"checkpoint {tmp_path / '3'} failed to restore" in err, err
+        assert "moved it aside to 3.corrupt and resumed from step 2" in err, err
+        assert (tmp_path / "3.corrupt").is_dir() and not (tmp_path / "3").exists()
+        assert ck.latest_step() == 2 and ck.all_steps() == [1, 2]  # orbax reloaded its list
+        # the resumed run redoes step 3 and saves it under the same number
+        new3 = make_state(3) | {"kl_ctl": {"kl_coef": 1.5, "target": 3.0}}
+        assert ck.save(3, new3)
+        ck.wait()
+        assert ck.all_steps() == [1, 2, 3]
+        assert_state_equal(restore_or_none(ck, abstract, resume=True), new3)
+
+    # reopening runs orbax's tmp-dir cleanup: the .corrupt dir is neither deleted nor a step
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=None) as ck:
+        assert ck.all_steps() == [1, 2, 3]
+        assert_state_equal(ck.restore(abstract_state=abstract), new3)
+        corrupt(tmp_path / "3", how)  # broken again: the next free name is taken
+        assert_state_equal(restore_or_none(ck, abstract, resume="auto"), make_state(2))
+        assert "moved it aside to 3.corrupt-1" in capsys.readouterr().err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["1", "2", "3.corrupt", "3.corrupt-1"]
+    assert _files(tmp_path / "3.corrupt")  # moved, not deleted
+
+
+def test_all_steps_corrupt_raises(tmp_path, capsys):
+    abstract = abstract_of(make_state(0))
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=None) as ck:
+        for s in (1, 2):
+            ck.save(s, make_state(s))
+        ck.wait()
+        corrupt(tmp_path / "1", "garbage_meta")
+        corrupt(tmp_path / "2", "truncate_lora")
+        with pytest.raises(ValueError, match=r"no checkpoint in .* restores") as info:
+            restore_or_none(ck, abstract, resume=True)
+        msg = str(info.value)
+        assert str(tmp_path) in msg and "step 2 (" in msg and "step 1 (" in msg
+        assert "nothing was renamed or deleted" in msg
+        # a config that no longer matches fails every step alike: nothing is moved aside
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+        assert capsys.readouterr().err == ""
+        assert ck.latest_step() == 2
 
 
 # Saves step 1 and waits, then starts an async save of ~200 MB at step 2 and reports it;

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from lorarl_jax.rl import reward_threads
 from lorarl_jax.rl.reward_fns import (
     extract_boxed,
     extract_gsm8k_answer,
@@ -21,10 +28,13 @@ from lorarl_jax.rl.reward_fns import (
 from lorarl_jax.rl.rewards import (
     BUILTIN_REWARD,
     KNOWN_SOURCES,
+    RewardHangError,
     RewardManager,
     SampleRewardFn,
     compute_rewards,
     default_compute_score,
+    failed_functions,
+    hung_threads,
     load_reward_fn,
 )
 
@@ -223,18 +233,41 @@ def test_load_reward_fn(tmp_path):
     assert metrics["reward/sees_columns/mean"] == 0.5
 
 
+def _one_line_error(exc_type, spec: str) -> str:
+    with pytest.raises(exc_type) as err:
+        load_reward_fn(spec)
+    msg = str(err.value)
+    assert "\n" not in msg and "data.reward_fns" in msg, msg
+    return msg
+
+
 def test_load_reward_fn_errors(tmp_path):
     path = tmp_path / "my_rewards.py"
     path.write_text(CUSTOM)
-    with pytest.raises(FileNotFoundError, match="nope.py"):
-        load_reward_fn(f"{tmp_path}/nope.py:length_reward")
-    with pytest.raises(AttributeError, match="no function 'missing'") as err:
-        load_reward_fn(f"{path}:missing")
-    assert "my_rewards.py" in str(err.value) and "length_reward" in str(err.value)
-    with pytest.raises(TypeError, match="NOT_A_FUNCTION"):
-        load_reward_fn(f"{path}:NOT_A_FUNCTION")
-    with pytest.raises(ValueError, match="path/to/file.py:function_name"):
-        load_reward_fn(str(path))
+    msg = _one_line_error(FileNotFoundError, f"{tmp_path}/nope.py:length_reward")
+    assert f"{tmp_path}/nope.py" in msg
+    msg = _one_line_error(ValueError, f"{path}:missing")
+    assert f"{path} has no function 'missing'" in msg
+    assert "['length_reward', 'sees_columns']" in msg  # what it defines; not the int
+    msg = _one_line_error(ValueError, f"{path}:NOT_A_FUNCTION")
+    assert str(path) in msg and "'NOT_A_FUNCTION' is a int, not a function" in msg
+    msg = _one_line_error(ValueError, str(path))
+    assert "path/to/file.py:function_name" in msg
+
+
+def test_load_reward_fn_import_errors_are_one_line(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("x = 1\n\ndef fn(prompts, completions:\n    return []\n")
+    msg = _one_line_error(ValueError, f"{path}:fn")
+    assert msg.startswith(f"reward file {path}: SyntaxError at line 3: "), msg
+    assert msg.endswith(f"(data.reward_fns '{path}:fn')")
+    path.write_text("x = 1\nimport not_a_module_lorarl_xyz\n")
+    msg = _one_line_error(ValueError, f"{path}:fn")
+    assert f"{path}: ModuleNotFoundError at line 2: " in msg and "not_a_module_lorarl_xyz" in msg
+    path.write_text("def helper():\n    raise RuntimeError('bad\\nconfig')\n\nhelper()\n")
+    msg = _one_line_error(ValueError, f"{path}:fn")
+    assert f"{path}: RuntimeError at line 2: bad config" in msg
+    assert not [m for m in sys.modules if m.startswith("_lorarl_reward_broken_")]
 
 
 # ------------------------------------------------------------------------------------------
@@ -266,16 +299,49 @@ def test_builtin_weighted_combination():
     assert metrics["reward/mean"] == pytest.approx(np.mean([3.0, 0.25, 0.5, 1.0]))
     assert metrics["reward/accuracy_strict"] == 0.25
     assert metrics["reward/accuracy_flexible"] == 0.5  # "72", "72", "5", none
-    assert metrics["reward/timeouts"] == metrics["reward/errors"] == metrics["reward/none"] == 0
+    for key in ("timeouts", "errors", "none", "nonfinite", "builtin/failed", "half/failed"):
+        assert metrics[f"reward/{key}"] == 0
 
 
-def test_none_scores_zero_and_is_counted():
+def test_none_and_nonfinite_score_zero_and_are_counted_apart(caplog):
     def some_none(prompts, completions, **columns):
-        return [1.0, None, float("nan"), float("inf")]
+        return [1.0, None, float("nan"), float("-inf")]
 
-    scores, metrics = compute_rewards(PROMPTS, COMPLETIONS, COLUMNS, [some_none])
+    with caplog.at_level(logging.WARNING, logger="lorarl_jax.rl.rewards"):
+        scores, metrics = compute_rewards(PROMPTS, COMPLETIONS, COLUMNS, [some_none])
     np.testing.assert_array_equal(scores, [1.0, 0.0, 0.0, 0.0])
-    assert metrics["reward/none"] == 3 and metrics["reward/errors"] == 0
+    assert metrics["reward/none"] == 1 and metrics["reward/nonfinite"] == 2
+    assert metrics["reward/errors"] == 0 and metrics["reward/some_none/failed"] == 3
+    assert "some_none" in caplog.text and "2 non-finite" in caplog.text and "nan" in caplog.text
+
+
+def test_failed_per_function_and_failed_functions():
+    def boom(prompts, completions, **columns):
+        raise RuntimeError("reward server down")
+
+    def all_nan(prompts, completions, **columns):
+        return [float("nan")] * len(completions)
+
+    def all_none(prompts, completions, **columns):
+        return [None] * len(completions)
+
+    def picky(prompt, completion, **row):
+        if completion == "no idea":
+            raise ValueError("cannot parse")
+        return float("inf") if prompt == "q1" else 1.0
+
+    fns = ["builtin", boom, all_nan, all_none, SampleRewardFn("picky", picky)]
+    scores, metrics = compute_rewards(PROMPTS, COMPLETIONS, COLUMNS, fns)
+    np.testing.assert_array_equal(scores, [1.0, 1.0, 1.0, 0.0])  # builtin + picky
+    assert metrics["reward/builtin/failed"] == 0 and metrics["reward/picky/failed"] == 2
+    assert metrics["reward/boom/failed"] == metrics["reward/all_nan/failed"] == 4
+    assert metrics["reward/all_none/failed"] == 4
+    assert metrics["reward/errors"] == 5 and metrics["reward/nonfinite"] == 5
+    assert metrics["reward/none"] == 4
+    assert failed_functions(metrics, 4) == ["boom", "all_nan", "all_none"]
+    assert failed_functions(metrics, 0) == []
+    _, metrics = compute_rewards([], [], {}, [boom])
+    assert metrics["reward/boom/failed"] == 0 and failed_functions(metrics, 0) == []
 
 
 def test_exception_scores_zero_and_is_counted():
@@ -316,6 +382,7 @@ def test_batch_timeout_returns_in_time():
     assert time.monotonic() - start < 2.0
     np.testing.assert_array_equal(scores, [1.0, 0.0, 0.0, 0.0])  # builtin still scored
     assert metrics["reward/timeouts"] == 4 and metrics["reward/slow/mean"] == 0.0
+    assert metrics["reward/slow/failed"] == 4 and failed_functions(metrics, 4) == ["slow"]
 
 
 def test_per_sample_timeout_costs_only_that_sample():
@@ -331,6 +398,82 @@ def test_per_sample_timeout_costs_only_that_sample():
     assert time.monotonic() - start < 2.0
     np.testing.assert_array_equal(scores, [1.0, 0.0, 1.0, 1.0])
     assert metrics["reward/timeouts"] == 1
+
+
+HUNG_SCRIPT = """
+import json, time
+from lorarl_jax.rl.rewards import compute_rewards
+
+def forever(prompts, completions, **columns):
+    while True:
+        time.sleep(0.1)
+
+_, metrics = compute_rewards(["p", "q"], ["a", "b"], {}, [forever], timeout_s=0.5)
+print(json.dumps(metrics))
+"""
+
+
+def test_hung_reward_does_not_block_interpreter_exit():
+    # ThreadPoolExecutor workers are joined at exit: a reward that never returns hung the process
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", HUNG_SCRIPT],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["reward/timeouts"] == 2 and metrics["reward/forever/failed"] == 2
+    assert metrics["reward/hung_threads"] == 1
+
+
+def _wait_for_hung(n: int, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while hung_threads() != n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert hung_threads() == n
+
+
+def test_hung_threads_are_capped_and_late_finishers_free_them(monkeypatch):
+    _wait_for_hung(0)  # the timeout tests above leave threads sleeping for up to 5 s
+    monkeypatch.setattr(reward_threads, "MAX_HUNG_THREADS", 3)
+    release = threading.Event()
+
+    def stuck(prompts, completions, **columns):
+        release.wait()
+        return [1.0] * len(completions)
+
+    def stuck_on_q2(prompt, completion, **row):
+        if prompt == "q2":
+            release.wait()
+        return 1.0
+
+    try:
+        # one hung thread per hung sample: the other samples still score and their threads end
+        scores, metrics = compute_rewards(
+            PROMPTS, COMPLETIONS, COLUMNS, [SampleRewardFn("s", stuck_on_q2)], timeout_s=0.05
+        )
+        np.testing.assert_array_equal(scores, [1.0, 0.0, 1.0, 1.0])
+        assert metrics["reward/timeouts"] == 1 and metrics["reward/hung_threads"] == 1
+        for hung in (2, 3):
+            _, metrics = compute_rewards(PROMPTS, COMPLETIONS, COLUMNS, [stuck], timeout_s=0.05)
+            assert metrics["reward/timeouts"] == 4 and metrics["reward/hung_threads"] == hung
+        with pytest.raises(RewardHangError) as err:  # 3 hung + 1 more would exceed 3
+            compute_rewards(PROMPTS, COMPLETIONS, COLUMNS, [stuck], timeout_s=0.05)
+        assert isinstance(err.value, ValueError)
+        assert str(err.value) == (
+            "reward fn 'stuck' has 2 calls still running past data.reward_timeout_s=0.05 s: it "
+            "never returns; fix it or raise the timeout (3 hung reward threads in all, limit 3)"
+        )
+        assert hung_threads() == 3  # the refused call started nothing
+    finally:
+        release.set()
+    _wait_for_hung(0)  # late finishers un-count themselves
+    scores, metrics = compute_rewards(PROMPTS, COMPLETIONS, COLUMNS, [stuck], timeout_s=5)
+    assert scores.tolist() == [1.0] * 4 and metrics["reward/hung_threads"] == 0
 
 
 def test_config_errors_raise_up_front():
@@ -362,6 +505,22 @@ def test_reward_manager(tmp_path):
     assert metrics["reward/length_reward/mean"] == np.mean([len(c) for c in COMPLETIONS])
     with pytest.raises(ValueError, match="weights"):
         RewardManager(("builtin",), weights=(1.0, 2.0))
+
+
+def test_reward_manager_validate_whole_dataset():
+    manager = RewardManager(("builtin", "format"))
+    sources = ["gsm8k"] * 5 + ["my/dataset"] * 3 + ["lighteval/MATH", "other/set"]
+    with pytest.raises(ValueError) as err:
+        manager.validate({"data_source": sources, "ground_truth": ["1"] * 10})
+    msg = str(err.value)
+    assert "'my/dataset' (3 of 10 rows), 'other/set' (1 of 10 rows)" in msg
+    assert "gsm8k'" not in msg.split(";")[0] and "openai/gsm8k" in msg  # known ones listed after
+    with pytest.raises(ValueError, match="ground_truth"):
+        manager.validate({"data_source": ["gsm8k"]})
+    with pytest.raises(ValueError, match="aligned"):
+        manager.validate({"data_source": ["gsm8k"] * 2, "ground_truth": ["1"]})
+    manager.validate({"data_source": ["gsm8k", "ARITH", "lighteval/MATH"], "ground_truth": "123"})
+    RewardManager(("format",)).validate({})  # no per-sample validators: nothing to check
 
 
 def test_flexible_reward_scores_last_number_correctness():

@@ -12,6 +12,7 @@ read one at a time), so a full-precision copy of the whole model never exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -96,11 +97,25 @@ def _safetensor_files(model_dir: str) -> list[str]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+@contextlib.contextmanager
+def safe_open(path: str):
+    """`safetensors.safe_open` whose failures (a truncated, random or missing file) are one
+    ValueError / FileNotFoundError naming the file, not a SafetensorError traceback."""
+    from safetensors import SafetensorError
+    from safetensors import safe_open as _open
 
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such safetensors file")
+    try:
+        with _open(path, framework="flax") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
     out = {}
-    with safe_open(path, framework="flax") as f:
+    with safe_open(path) as f:
         for k in f.keys():
             out[k] = np.asarray(f.get_tensor(k))
     return out
@@ -111,18 +126,14 @@ class _LazyTensors:
     file is mapped again for each tensor: pages of a mapping held open stay resident."""
 
     def __init__(self, files: list[str]):
-        from safetensors import safe_open
-
         self.names = []
         for path in files:
-            with safe_open(path, framework="flax") as f:
+            with safe_open(path) as f:
                 self.names += [(k, path) for k in f.keys()]
 
     def items(self):
-        from safetensors import safe_open
-
         for name, path in self.names:
-            with safe_open(path, framework="flax") as f:
+            with safe_open(path) as f:
                 yield name, np.asarray(f.get_tensor(name))
 
 

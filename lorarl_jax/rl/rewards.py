@@ -4,21 +4,32 @@ Design
 - A reward function scores a whole batch, TRL style:
   `fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]`, where
   `columns` are dataset columns aligned with the batch (`ground_truth`, `data_source`,
-  `extra_info`, ...). Custom ones are loaded from `"path/to/file.py:function_name"`.
+  `extra_info`, ...). Custom ones are loaded from `"path/to/file.py:function_name"`; a file that
+  is missing, does not import (SyntaxError, ImportError, ...), or lacks a callable of that name
+  raises one clear line (`ValueError`, or `FileNotFoundError`) naming the file and the
+  `data.reward_fns` entry.
 - `SampleRewardFn` wraps a scorer of *one* sample, evaluated sample by sample so that one slow
   or broken sample costs only itself. The builtin reward (`"builtin"`) is one: it dispatches on
   `data_source` like verl's `default_compute_score` (GSM8K / our `arith` task -> strict `#### N`,
   MATH -> `\\boxed{}`); the scorers themselves live in `reward_fns.py`.
-- `compute_rewards` starts every function in worker threads, waits once against a shared
-  deadline of `timeout_s`, and sums the weighted scores (TRL `reward_funcs` + `reward_weights`).
-  A timeout or exception scores 0 for the samples it touches (the whole batch for a batch
-  function, one sample for a `SampleRewardFn`); None (or NaN/inf) scores 0. They are counted, in
-  samples, as `reward/timeouts`, `reward/errors`, `reward/none`, and never crash the run.
-  Configuration mistakes (unknown `data_source`, misaligned columns) do raise, up front.
-- Threads cannot be killed. A function that hangs keeps its worker thread after
-  `compute_rewards` has returned (executors are shut down with `wait=False` and queued work is
-  cancelled, so the call itself returns on time); the interpreter joins such threads at exit.
-  C code that holds the GIL (e.g. a catastrophic regex) would also stall the caller, which is
+- Configuration mistakes (unknown `data_source`, missing or misaligned columns) raise instead of
+  reading as zero rewards: every batch, and once up front over the whole dataset through
+  `RewardManager.validate`, which names each unknown source and how many rows have it.
+- `compute_rewards` starts every function on daemon worker threads (a batch function on one, a
+  `SampleRewardFn` on up to `_SAMPLE_WORKERS` pulling samples from a shared queue), waits once
+  against a shared deadline of `timeout_s`, cancels the work still queued, and sums the
+  weighted scores (TRL `reward_funcs` + `reward_weights`). It never crashes on a bad score: a
+  timeout or exception scores 0 for the samples it touches (the whole batch for a batch
+  function, one sample for a `SampleRewardFn`), and so do None and NaN/inf (which would poison
+  the advantages). They are counted, in samples, as `reward/timeouts`, `reward/errors`,
+  `reward/none` and `reward/nonfinite` (all but None are also logged as warnings), and per
+  function as `reward/<name>/failed` = timeouts + errors + none + nonfinite of that function;
+  `failed_functions(metrics, batch)` names the functions that gave nothing usable this step.
+- Threads cannot be killed, so a function that never returns keeps its thread: calls run on
+  daemon threads (`reward_threads.py`) that neither `compute_rewards` nor interpreter exit
+  waits for; the leak is bounded (`reward/hung_threads`; above `MAX_HUNG_THREADS` a call raises
+  `RewardHangError` naming the function).
+  C code that holds the GIL (e.g. a catastrophic regex) would still stall the caller, which is
   why the builtin scorers use only linear-time regexes. Functions that need hard isolation
   should run their own subprocess.
 """
@@ -27,18 +38,22 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import logging
 import math
 import pathlib
 import sys
+import traceback
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from lorarl_jax.rl import reward_threads
 from lorarl_jax.rl.reward_fns import format_score, gsm8k_score, math_score
+from lorarl_jax.rl.reward_threads import RewardHangError, hung_threads  # noqa: F401  (RewardHangError: API)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +76,7 @@ _SCORERS: dict[str, Callable[[str, object], float]] = {
 }
 
 RewardFn = Callable[..., Sequence[float | None]]
+_FAILURES = ("timeouts", "errors", "none", "nonfinite")  # outcomes that score 0
 
 # ------------------------------------------------------------------------------------------
 # Builtin dispatch (verl default_compute_score)
@@ -81,8 +97,9 @@ def default_compute_score(data_source: str, solution_str: str, ground_truth, ext
 class SampleRewardFn:
     """A per-sample scorer `score_one(prompt, completion, **row) -> float | None`.
 
-    `validate(columns)` (optional) runs once per batch in the caller's thread and raises on
-    configuration errors, which should stop the run rather than read as zero rewards.
+    `validate(columns)` (optional) raises on configuration errors, which should stop the run
+    rather than read as zero rewards. It runs in the caller's thread on every batch, and on the
+    whole dataset through `RewardManager.validate`, so it must not assume batch-sized columns.
     """
 
     name: str
@@ -95,12 +112,27 @@ def _builtin_one(prompt, completion, *, data_source, ground_truth, extra_info=No
 
 
 def _check_builtin_columns(columns: Mapping[str, Sequence]) -> None:
+    """Raise unless `data_source` and `ground_truth` exist and every source has a scorer.
+
+    The message names each unknown source with its row count, most frequent first, e.g.
+    `no builtin reward for data_source 'my/data' (12 of 900 rows); known: [...]`.
+    """
     missing = [k for k in ("data_source", "ground_truth") if k not in columns]
     if missing:
         raise ValueError(f"builtin reward needs columns {missing}; got {sorted(columns)}")
-    unknown = sorted({str(s) for s in columns["data_source"] if str(s).lower() not in _SCORERS})
+    sources = columns["data_source"]
+    counts = Counter(str(s) for s in sources)
+    unknown = sorted(
+        ((s, n) for s, n in counts.items() if s.lower() not in _SCORERS),
+        key=lambda x: (-x[1], x[0]),
+    )
     if unknown:
-        raise ValueError(f"no builtin reward for data_source {unknown}; known: {KNOWN_SOURCES}")
+        rows = len(sources)
+        shown = ", ".join(f"{s!r} ({n} of {rows} rows)" for s, n in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise ValueError(
+            f"no builtin reward for data_source {shown}{more}; known: {list(KNOWN_SOURCES)}"
+        )
 
 
 BUILTIN_REWARD = SampleRewardFn("builtin", _builtin_one, _check_builtin_columns)
@@ -123,32 +155,71 @@ def flexible_reward(prompts: list[str], completions: list[str], **columns) -> li
 # ------------------------------------------------------------------------------------------
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _import_error(path: pathlib.Path, exc: Exception, where: str) -> ValueError:
+    """`reward file <path>: <Type> at line <n>: <message> (<where>)`, one line."""
+    if isinstance(exc, SyntaxError):
+        in_file = "" if exc.filename in (None, str(path)) else f" in {exc.filename}"
+        line = f" at line {exc.lineno}" if exc.lineno else ""
+        detail = f"SyntaxError{in_file}{line}: {_one_line(exc.msg)}"
+    else:
+        lines = [
+            f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)
+        ]
+        line = f" at line {lines[-1]}" if lines else ""
+        detail = f"{type(exc).__name__}{line}: {_one_line(exc)}"
+    return ValueError(f"reward file {path}: {detail} ({where})")
+
+
 def load_reward_fn(spec: str) -> RewardFn:
-    """Import `function_name` from `"path/to/file.py:function_name"`."""
+    """Import `function_name` from `"path/to/file.py:function_name"`.
+
+    Raises `FileNotFoundError` for a missing file and `ValueError` for a malformed spec, a file
+    that fails to import (SyntaxError with its line, or any exception raised while importing),
+    a missing name (listing the functions the file defines) or a non-callable one; each message
+    is one line naming the file and the `data.reward_fns` entry.
+    """
+    where = f"data.reward_fns {spec!r}"
     path_str, sep, fn_name = spec.rpartition(":")
     if not sep or not path_str or not fn_name:
-        raise ValueError(f"reward function spec must be 'path/to/file.py:function_name': {spec!r}")
+        raise ValueError(
+            f"{where}: must be 'builtin', 'format', 'flexible' or 'path/to/file.py:function_name'"
+        )
     path = pathlib.Path(path_str).expanduser().resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"reward function file not found: {path} (spec {spec!r})")
+        raise FileNotFoundError(f"reward file not found: {path} ({where})")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
     module_name = f"_lorarl_reward_{path.stem}_{digest}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"cannot import {path} as a Python module (spec {spec!r})")
+        raise ValueError(f"reward file {path}: cannot import it as a Python module ({where})")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # so dataclasses/pickle inside the file resolve
     try:
         module_spec.loader.exec_module(module)
-    except BaseException:
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise _import_error(path, exc, where) from exc
+    except BaseException:  # KeyboardInterrupt, SystemExit: not ours to translate
         del sys.modules[module_name]
         raise
-    fn = getattr(module, fn_name, None)
-    if fn is None:
-        defined = sorted(k for k, v in vars(module).items() if callable(v) and k[0] != "_")
-        raise AttributeError(f"{path} has no function {fn_name!r}; it defines {defined}")
+    if not hasattr(module, fn_name):
+        defined = sorted(
+            k
+            for k, v in vars(module).items()
+            if callable(v) and k[0] != "_" and getattr(v, "__module__", None) == module_name
+        )
+        raise ValueError(
+            f"reward file {path} has no function {fn_name!r}; it defines {defined} ({where})"
+        )
+    fn = getattr(module, fn_name)
     if not callable(fn):
-        raise TypeError(f"{path}:{fn_name} is a {type(fn).__name__}, not a function")
+        raise ValueError(
+            f"reward file {path}: {fn_name!r} is a {type(fn).__name__}, not a function ({where})"
+        )
     return fn
 
 
@@ -186,29 +257,40 @@ def _unique_names(fns) -> list[str]:
 # ------------------------------------------------------------------------------------------
 
 
-def _launch(fn, prompts, completions, columns) -> list[cf.Future]:
-    """Submit `fn` to its own executor: one future per sample or one for the batch."""
-    name = _fn_name(fn)
+def _threads(fn, batch: int) -> int:
+    """Threads one call of `fn` starts: min(B, _SAMPLE_WORKERS) per sample, 1 per batch."""
+    return min(batch, _SAMPLE_WORKERS) if isinstance(fn, SampleRewardFn) else 1
+
+
+def _launch(name: str, fn, prompts, completions, columns) -> list[reward_threads.Task]:
+    """Start `fn` on its own daemon threads: one task per sample or one for the batch."""
     if isinstance(fn, SampleRewardFn):
-        workers = max(1, min(len(completions), _SAMPLE_WORKERS))
-        pool = cf.ThreadPoolExecutor(workers, thread_name_prefix=f"reward-{name}")
-        futures = [
-            pool.submit(fn.score_one, p, c, **{k: v[i] for k, v in columns.items()})
+        tasks = [
+            reward_threads.Task(
+                name, functools.partial(fn.score_one, p, c, **{k: v[i] for k, v in columns.items()})
+            )
             for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
         ]
     else:
-        pool = cf.ThreadPoolExecutor(1, thread_name_prefix=f"reward-{name}")
         batch_columns = {k: list(v) for k, v in columns.items()}
-        futures = [pool.submit(fn, list(prompts), list(completions), **batch_columns)]
-    pool.shutdown(wait=False)  # never block on a hung worker (see module docstring)
-    return futures
+        tasks = [
+            reward_threads.Task(
+                name, functools.partial(fn, list(prompts), list(completions), **batch_columns)
+            )
+        ]
+    reward_threads.start(tasks, _threads(fn, len(completions)), name)
+    return tasks
 
 
-def _to_score(value) -> float | None:
+def _classify(value) -> tuple[str, object]:
+    """("ok", score) | ("none", None) | ("nonfinite", value) | ("errors", exception)."""
     if value is None:
-        return None
-    score = float(value)
-    return score if math.isfinite(score) else None  # inf would poison the advantages
+        return "none", None
+    try:
+        score = float(value)
+    except (TypeError, ValueError) as exc:
+        return "errors", exc
+    return ("ok", score) if math.isfinite(score) else ("nonfinite", value)
 
 
 def _outcome(future: cf.Future, late: set) -> tuple[str, object]:
@@ -219,11 +301,10 @@ def _outcome(future: cf.Future, late: set) -> tuple[str, object]:
     return ("errors", exc) if exc is not None else ("ok", future.result())
 
 
-def _collect(
-    fn, futures, late: set, batch: int
-) -> tuple[np.ndarray, Counter, BaseException | None]:
-    """Scores [B] of one function (0 where it failed) and per-outcome sample counts."""
-    scores_B, counts, first_exc = np.zeros(batch, np.float64), Counter(), None
+def _collect(fn, futures, late: set, batch: int) -> tuple[np.ndarray, Counter, dict[str, object]]:
+    """Scores [B] of one function (0 where it failed), per-outcome sample counts, and the first
+    offending exception / value per failure kind."""
+    scores_B, counts, first = np.zeros(batch, np.float64), Counter(), {}
     if isinstance(fn, SampleRewardFn):
         outcomes = [_outcome(f, late) for f in futures]
     else:
@@ -234,17 +315,25 @@ def _collect(
         outcomes = [(status, v) for v in value] if status == "ok" else [(status, value)] * batch
     for i, (status, value) in enumerate(outcomes):
         if status == "ok":
-            try:
-                score = _to_score(value)
-            except (TypeError, ValueError) as exc:
-                status, value = "errors", exc
-            else:
-                status = "ok" if score is not None else "none"
-                scores_B[i] = 0.0 if score is None else score
+            status, value = _classify(value)
+            if status == "ok":
+                scores_B[i] = value
         counts[status] += 1
-        if status == "errors" and first_exc is None:
-            first_exc = value
-    return scores_B, counts, first_exc
+        first.setdefault(status, value)
+    return scores_B, counts, first
+
+
+def failed_functions(metrics: Mapping[str, float], batch: int) -> list[str]:
+    """Names of the functions whose `reward/<name>/failed` equals `batch` (> 0): every sample
+    timed out, raised, or was None/NaN/inf, so the function gave nothing usable this step."""
+    if batch <= 0:
+        return []
+    prefix, suffix = "reward/", "/failed"
+    return [
+        key[len(prefix) : -len(suffix)]
+        for key, value in metrics.items()
+        if key.startswith(prefix) and key.endswith(suffix) and value == batch
+    ]
 
 
 def gsm8k_accuracy_metrics(completions: Sequence[str], columns: Mapping[str, Sequence]):
@@ -265,6 +354,12 @@ def gsm8k_accuracy_metrics(completions: Sequence[str], columns: Mapping[str, Seq
     }
 
 
+def _check_aligned(columns: Mapping[str, Sequence], rows: int, what: str = "the batch") -> None:
+    bad = {k: len(v) for k, v in columns.items() if len(v) != rows}
+    if bad:
+        raise ValueError(f"columns not aligned with {what} of {rows} rows: {bad}")
+
+
 def compute_rewards(
     prompts: Sequence[str],
     completions: Sequence[str],
@@ -275,16 +370,17 @@ def compute_rewards(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """scores_B = sum_i weights[i] * fn_i(batch), each fn_i limited to `timeout_s` (shared).
 
-    Returns float32 scores [B] and metrics: `reward/<name>/mean` per function, `reward/mean`,
-    `reward/std`, sample counts `reward/{timeouts,errors,none}`, and GSM8K accuracies.
-    `timeout_s=None` waits without limit.
+    Returns float32 scores [B] and metrics: per function `reward/<name>/mean` and
+    `reward/<name>/failed` (samples that timed out, raised, or were None/non-finite), overall
+    `reward/mean`, `reward/std`, sample counts `reward/{timeouts,errors,none,nonfinite}`,
+    `reward/hung_threads` (process-wide threads still running past their deadline, this call's
+    included), and GSM8K accuracies. `timeout_s=None` waits without limit. Raises
+    `RewardHangError` before starting anything if hung threads are at `MAX_HUNG_THREADS`.
     """
     batch = len(completions)
     if len(prompts) != batch:
         raise ValueError(f"{len(prompts)} prompts for {batch} completions")
-    bad = {k: len(v) for k, v in columns.items() if len(v) != batch}
-    if bad:
-        raise ValueError(f"columns not aligned with the batch of {batch}: {bad}")
+    _check_aligned(columns, batch)
     fns = [resolve_reward_fn(f) for f in reward_fns]
     weights = [1.0] * len(fns) if weights is None else [float(w) for w in weights]
     if len(weights) != len(fns):
@@ -292,31 +388,41 @@ def compute_rewards(
     for fn in fns:
         if isinstance(fn, SampleRewardFn) and fn.validate is not None:
             fn.validate(columns)
+    names = _unique_names(fns)
+    reward_threads.check_hung(sum(_threads(fn, batch) for fn in fns), timeout_s)
 
-    launched = [_launch(fn, prompts, completions, columns) for fn in fns]
-    _, not_done = cf.wait([f for fs in launched for f in fs], timeout=timeout_s)
-    for future in not_done:
-        future.cancel()  # queued samples never start; running ones are abandoned
+    launched = [
+        _launch(name, fn, prompts, completions, columns)
+        for name, fn in zip(names, fns, strict=True)
+    ]
+    futures = [t.future for tasks in launched for t in tasks]
+    _, not_done = cf.wait(futures, timeout=timeout_s)
+    reward_threads.abandon([t for tasks in launched for t in tasks if t.future in not_done])
 
     total_B, totals, metrics = np.zeros(batch, np.float64), Counter(), {}
-    for name, weight, fn, futures in zip(_unique_names(fns), weights, fns, launched, strict=True):
-        scores_B, counts, first_exc = _collect(fn, futures, not_done, batch)
-        if counts["timeouts"] or counts["errors"]:
+    for name, weight, fn, tasks in zip(names, weights, fns, launched, strict=True):
+        scores_B, counts, first = _collect(fn, [t.future for t in tasks], not_done, batch)
+        if counts["timeouts"] or counts["errors"] or counts["nonfinite"]:
             log.warning(
-                "reward fn %s: %d timeouts, %d errors of %d samples (first error: %r)",
+                "reward fn %s: %d timeouts, %d errors, %d non-finite of %d samples "
+                "(first error: %r, first non-finite: %r)",
                 name,
                 counts["timeouts"],
                 counts["errors"],
+                counts["nonfinite"],
                 batch,
-                first_exc,
+                first.get("errors"),
+                first.get("nonfinite"),
             )
         total_B += weight * scores_B
         totals.update(counts)
         metrics[f"reward/{name}/mean"] = float(scores_B.mean()) if batch else 0.0
+        metrics[f"reward/{name}/failed"] = float(sum(counts[k] for k in _FAILURES))
     metrics["reward/mean"] = float(total_B.mean()) if batch else 0.0
     metrics["reward/std"] = float(total_B.std()) if batch else 0.0
-    for key in ("timeouts", "errors", "none"):
+    for key in _FAILURES:
         metrics[f"reward/{key}"] = float(totals[key])
+    metrics["reward/hung_threads"] = float(hung_threads())
     metrics.update(gsm8k_accuracy_metrics(completions, columns))
     return total_B.astype(np.float32), metrics
 
@@ -338,6 +444,17 @@ class RewardManager:
     @property
     def names(self) -> list[str]:
         return _unique_names(self.reward_fns)
+
+    def validate(self, columns: Mapping[str, Sequence]) -> None:
+        """Check the columns of a whole dataset up front (all training and validation rows):
+        they must be aligned, and every `SampleRewardFn.validate` must accept them, so e.g. an
+        unknown `data_source` stops the run before step 1 rather than at the first batch."""
+        if columns:
+            first = next(iter(columns))
+            _check_aligned(columns, len(columns[first]), f"column {first!r}")
+        for fn in self.reward_fns:
+            if isinstance(fn, SampleRewardFn) and fn.validate is not None:
+                fn.validate(columns)
 
     def __call__(self, prompts, completions, columns) -> tuple[np.ndarray, dict[str, float]]:
         return compute_rewards(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -17,11 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from lorarl_jax import data as data_lib
-from lorarl_jax import distributed
+from lorarl_jax import distributed, run_dir
 from lorarl_jax import mesh as mesh_lib
 from lorarl_jax.checkpoint import Checkpointer, restore_or_none
 from lorarl_jax.config import RunConfig
-from lorarl_jax.export import RUN_CONFIG
 from lorarl_jax.metrics import MetricsLogger, plot_metrics
 from lorarl_jax.model import hf, quant
 from lorarl_jax.model.lora import LoraConfig, init_lora, lora_logical_axes
@@ -29,6 +29,7 @@ from lorarl_jax.model.transformer import abstract_params
 from lorarl_jax.rl import losses
 from lorarl_jax.rl import sharding as shard_lib
 from lorarl_jax.rl import step as step_lib
+from lorarl_jax.rl.guards import RunStopped, adapter_absmax
 from lorarl_jax.rl.rewards import RewardManager
 from lorarl_jax.sampling import rollout_weights
 from lorarl_jax.sampling.sampler import SamplingParams
@@ -109,9 +110,14 @@ def stop_ids_of(tokenizer, model_dir: str) -> tuple[int, ...]:
 
 def _rows(files: str, split: str, cfg: RunConfig):
     if files:
-        rows = []
-        for f in files.split(","):
-            rows += data_lib.load_rows(f.strip())
+        key, rows = f"data.{split}_files", []
+        for f in (f.strip() for f in files.split(",")):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{key}: {f!r} does not exist")
+            got = data_lib.load_rows(f)
+            if not got:
+                raise ValueError(f"{key}: {f!r} holds no rows")
+            rows += got
         return rows
     d = cfg.data  # no files: the synthetic arithmetic task, deterministic from the seed
     rows = data_lib.arith_rows(
@@ -179,18 +185,13 @@ def build(cfg: RunConfig) -> Run:
             f"(a constant C = algo.loss_scale_factor = {cfg.algo.loss_scale_factor:g}), as "
             "configs/drgrpo_smollm2.py does"
         )
-    os.makedirs(tc.output_dir, exist_ok=True)
+    rdir = run_dir.prepare(cfg)  # refuses a previous run, an unwritable dir; writes nothing
     distributed.initialize(tc)  # before the first JAX computation
     mesh = mesh_lib.make_mesh(tuple(tc.mesh))
     root = distributed.replicated_key(jax.random.key(tc.seed), mesh)  # saved in checkpoints
     k_lora, k_rollout, k_update = jax.random.split(root, 3)
     model_dir, model_cfg, base, tokenizer = _load_model(cfg, mesh)
     lora, lcfg = _init_adapter(cfg, model_cfg, base, k_lora, mesh)
-    if distributed.is_primary():
-        with open(os.path.join(tc.output_dir, RUN_CONFIG), "w") as f:  # what export.py rebuilds
-            record = dataclasses.asdict(cfg) | {"resolved_model_path": os.path.abspath(model_dir)}
-            record["lora"] = dataclasses.asdict(lcfg)
-            json.dump(record, f, indent=2)
     ref_lora = jax.tree.map(jnp.copy, lora) if cfg.algo.reference == "init_adapter" else None
 
     pad_id = data_lib.pad_id_of(tokenizer)
@@ -198,9 +199,17 @@ def build(cfg: RunConfig) -> Run:
         _rows(dc.train_files, "train", cfg), tokenizer, rc.max_prompt_length, rc.overlong_prompt
     )
     if len(train_ex) < dc.batch_size:
-        raise ValueError(f"only {len(train_ex)} training prompts fit max_prompt_length")
+        raise ValueError(
+            f"only {len(train_ex)} training prompts ({n_over} longer than "
+            f"rollout.max_prompt_length={rc.max_prompt_length} were dropped) for "
+            f"data.batch_size={dc.batch_size}"
+        )
     val_rows = _rows(dc.val_files, "val", cfg)[: dc.max_val_samples] if dc.max_val_samples else []
     val_ex, _ = data_lib.encode_prompts(val_rows, tokenizer, rc.max_prompt_length, "filter")
+    reward = RewardManager(dc.reward_fns, dc.reward_weights or None, dc.reward_timeout_s)
+    columns = ("ground_truth", "data_source", "extra_info")
+    # every row's data_source and columns up front, not at the first step that samples it
+    reward.validate({k: [e[k] for e in train_ex + val_ex] for k in columns})
     dataset = data_lib.prompt_dataset(
         train_ex,
         batch_size=dc.batch_size,
@@ -274,9 +283,15 @@ def build(cfg: RunConfig) -> Run:
             a.loss_agg_mode,
             a.loss_scale_factor,
         )
-    reward = RewardManager(dc.reward_fns, dc.reward_weights or None, dc.reward_timeout_s)
-    ckpt = None
+    n_ckpt = 0
     if tc.ckpt_interval or tc.resume:
+        n_ckpt = tc.max_to_keep + 1  # orbax writes the next before it drops the oldest
+    trainable = (lora, opt_state) + ((critic.params, critic.opt_state) if critic else ())
+    run_dir.check_free_space(
+        tc.output_dir, run_dir.tree_bytes(trainable), n_ckpt, run_dir.tree_bytes(lora)
+    )
+    ckpt = None
+    if n_ckpt:
         ckpt = Checkpointer(
             os.path.join(tc.output_dir, "ckpt"),
             save_interval_steps=tc.ckpt_interval or tc.steps,
@@ -304,7 +319,7 @@ def build(cfg: RunConfig) -> Run:
         pad_id=pad_id,
         reward=reward,
         val_reward=reward,
-        reward_columns=("ground_truth", "data_source", "extra_info"),
+        reward_columns=columns,
         dataset=dataset,
         data_iter=data_iter,
         val_examples=val_ex,
@@ -316,22 +331,28 @@ def build(cfg: RunConfig) -> Run:
         logger=None,  # set below, once the start step is known
         updates_per_step=updates_per_step,
     )
-    if ckpt is not None:
-        if not tc.resume and ckpt.latest_step() is not None:
+    try:
+        if tc.resume:
+            _maybe_resume(run, rdir)
+        if distributed.is_primary():  # only now: a refused run leaves the old record intact
+            run_dir.write_record(tc.output_dir, cfg, lcfg, model_dir)
+        run.logger = _logger(run)
+    except BaseException:
+        if ckpt is not None:  # orbax's threads, or its exit-time traceback, outlive the error
             ckpt.close()
-            raise ValueError(
-                f"{tc.output_dir} already holds checkpoints: pass --config.trainer.resume=True "
-                "to continue, or choose another trainer.output_dir (nothing was overwritten)"
-            )
-        _maybe_resume(run)
-    run.logger = (
+        raise
+    return run
+
+
+def _logger(run: Run):
+    tc = run.cfg.trainer
+    return (
         MetricsLogger(
             tc.output_dir, tc.steps, tc.tensorboard, start_step=run.step + 1 if run.step else 0
         )
         if distributed.is_primary()
         else distributed.NullLogger()
     )
-    return run
 
 
 def _state(run: Run) -> dict:
@@ -348,10 +369,11 @@ def _state(run: Run) -> dict:
     return state
 
 
-def _maybe_resume(run: Run) -> None:
-    restored = restore_or_none(run.ckpt, _state(run), resume=run.cfg.trainer.resume)
-    if restored is None:
+def _maybe_resume(run: Run, rdir: run_dir.RunDir) -> None:
+    if not rdir.has_checkpoint:  # killed before its first checkpoint (run_dir.prepare)
+        print(f"nothing saved yet in {rdir.ckpt}: restarting this run from step 0")
         return
+    restored = restore_or_none(run.ckpt, _state(run), resume=True)
     run.lora, run.opt_state, run.step = restored["lora"], restored["opt_state"], restored["step"]
     if not jnp.array_equal(
         jax.random.key_data(restored["rng"]), jax.random.key_data(run.keys["root"])
@@ -365,8 +387,12 @@ def _maybe_resume(run: Run) -> None:
 
 
 def save_checkpoint(run: Run, force: bool = False) -> None:
-    if run.ckpt is not None:
-        run.ckpt.save(run.step, _state(run), force=force)
+    """Saves the step's state (on the checkpoint interval); never a non-finite adapter."""
+    if run.ckpt is None:
+        return
+    if not math.isfinite(adapter_absmax(run.lora)):
+        raise RunStopped(f"step {run.step}: the adapter holds NaN/inf; not checkpointed")
+    run.ckpt.save(run.step, _state(run), force=force)
 
 
 def export_final(run: Run) -> dict:

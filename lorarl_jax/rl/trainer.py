@@ -16,6 +16,10 @@ Per step (verl's order):
   ppo_epochs × mini-batches of the jitted step    gradients w.r.t. the adapter only
   sync gate                                       sampler vs trainer log-prob gap
                                                   (rollout.max_logp_gap: warn | error | off)
+  run guards (rl/guards.py)                       stop, before the checkpoint, on rewards
+                                                  that score nothing, all-skipped updates or
+                                                  a runaway adapter
+  checkpoint                                      never a non-finite adapter
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorarl_jax import distributed
+from lorarl_jax import distributed, run_dir
 from lorarl_jax.config import RunConfig
 from lorarl_jax.rl import advantages as adv_lib
 from lorarl_jax.rl import losses
@@ -40,6 +44,12 @@ from lorarl_jax.rl.experience import (
     minibatch_indices,
     outcome_token_scores,
     trim_length,
+)
+from lorarl_jax.rl.guards import (  # noqa: F401  (LogpGapError: trainer's API)
+    LogpGapError,
+    LogpGapGate,
+    RunGuards,
+    adapter_absmax,
 )
 from lorarl_jax.rl.setup import Run, build, export_final, save_checkpoint
 
@@ -237,42 +247,6 @@ def run_eval(run: Run, step: int) -> dict[str, float]:
     return metrics
 
 
-class LogpGapError(ValueError):
-    """The sampler's log-probs do not match the trainer's on the same weights (main: one line)."""
-
-
-class LogpGapGate:
-    """`rollout.max_logp_gap` / `rollout.logp_gap_action`: a loud check that rollouts sample the
-    policy being trained. The most reported silent LoRA-RL failure is a weight sync that never
-    reaches the sampler; the mean |log π_sampler − log π_trainer| over the sampled tokens (the
-    same weights, computed by the sampler and by the training forward) shows it at once.
-    `warn`: one line on stderr, repeated at most every `WARN_EVERY` steps; `error`: raise before
-    the step's checkpoint is written, so the last checkpoint stays the last good state."""
-
-    WARN_EVERY = 10
-
-    def __init__(self, threshold: float, action: str):
-        self.threshold, self.action, self.last_warned = threshold, action, None
-        self.fired = 0
-
-    def check(self, step: int, metrics: dict) -> None:
-        gap = metrics.get("rollout/logp_gap_mean")
-        if self.action == "off" or gap is None or gap <= self.threshold:
-            return
-        self.fired += 1
-        msg = (
-            f"step {step}: sampler-vs-trainer log-prob gap {gap:.4g} (max "
-            f"{metrics.get('rollout/logp_gap_max', float('nan')):.3g}) > rollout.max_logp_gap="
-            f"{self.threshold:g}: rollouts do not sample the trained policy (a stale or broken "
-            "adapter sync, or low-precision merged kernels: try rollout.merge=never)"
-        )
-        if self.action == "error":
-            raise LogpGapError(msg)
-        if self.last_warned is None or step - self.last_warned >= self.WARN_EVERY:
-            print(f"WARNING: {msg}", file=sys.stderr, flush=True)
-            self.last_warned = step
-
-
 def train(cfg: RunConfig) -> dict:
     """Runs the whole job; returns a summary (first/last validation and final paths)."""
     return train_run(build(cfg))
@@ -284,14 +258,34 @@ def train_run(run: Run) -> dict:
         return _loop(run)
     except BaseException:
         if run.ckpt is not None:  # finish pending saves: the last checkpoint stays restorable
-            run.ckpt.close()
+            close_after_error(run.ckpt)
         raise
+
+
+def close_after_error(ckpt) -> None:
+    """Closes the checkpointer of a failed run and says which checkpoint a resume will use (a
+    save that failed, e.g. on a full disk, never replaces the previous finalised step)."""
+    try:
+        ckpt.close()
+    except Exception as e:  # noqa: BLE001  (the run's own error is the one to report)
+        print(
+            f"warning: a pending checkpoint save failed: {' '.join(str(e).split())}",
+            file=sys.stderr,
+        )
+    steps = run_dir.checkpoint_steps(str(ckpt.directory))
+    if steps and distributed.is_primary():
+        print(
+            f"note: checkpoint step {max(steps)} in {ckpt.directory} is intact; "
+            "--config.trainer.resume=True continues from it",
+            file=sys.stderr,
+        )
 
 
 def _loop(run: Run) -> dict:
     cfg = run.cfg
     tc = cfg.trainer
     gate = LogpGapGate(cfg.rollout.max_logp_gap, cfg.rollout.logp_gap_action)
+    guards = RunGuards.from_config(cfg, run.updates_per_step)
     summary: dict = {"start_step": run.step}
     if tc.eval_before and run.step == 0:
         m = run_eval(run, 0)
@@ -304,7 +298,9 @@ def _loop(run: Run) -> dict:
         batch = next(run.data_iter)
         tb, metrics = rollout_step(run, batch, step)
         metrics.update(update_step(run, tb, step))
+        metrics["actor/adapter_absmax"] = adapter_absmax(run.lora)
         gate.check(step, metrics)
+        guards.check(step, metrics, samples=len(tb["responses"]))  # before the checkpoint
         n_tok = float(np.asarray(tb["response_mask"]).sum())
         metrics["time/step"] = time.perf_counter() - t0
         metrics["perf/tokens_per_s"] = n_tok / metrics["time/step"]

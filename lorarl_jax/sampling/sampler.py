@@ -47,7 +47,10 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.temperature <= 0 and not self.greedy:
-            raise ValueError("rollout.temperature must be > 0 (use greedy=True for argmax)")
+            raise ValueError(
+                f"rollout.temperature must be > 0, got {self.temperature} (sampling needs a "
+                "temperature; held-out evaluation already decodes greedily)"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
