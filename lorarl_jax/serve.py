@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
@@ -47,9 +46,7 @@ def load_policy(
     dtype: str = "float32",
 ) -> Policy:
     """Base model + merged adapter (PEFT dir or run checkpoint; neither: the base model)."""
-    from transformers import AutoTokenizer
-
-    from lorarl_jax.rl.setup import resolve_model_path, stop_ids_of
+    from lorarl_jax.model.load import load_model
 
     if adapter and run_dir:
         raise ValueError("give --adapter or --run-dir, not both")
@@ -58,9 +55,9 @@ def load_policy(
         if not run_dir:
             raise ValueError("--model is required without --run-dir")
         model = rc["resolved_model_path"]
-    model_dir = resolve_model_path(model)
     quant = base_quantization(rc) if run_dir else {}
-    cfg, params = hf.load_hf_model(model_dir, dtype=dtype, param_dtype=dtype, **quant)
+    loaded = load_model(model, dtype=dtype, param_dtype=dtype, **quant)
+    cfg, params = loaded.cfg, loaded.params
     what = "none (base model)"
     if adapter:
         lora, lcfg = hf.load_peft_adapter(adapter)
@@ -69,9 +66,7 @@ def load_policy(
         lora, lcfg, at = restore_adapter(run_dir, step, params, rc)  # an NF4 run: on its NF4 base
         params, what = merge(params, lora, lcfg.scale, jnp.dtype(dtype)), f"{run_dir} step {at}"
         cfg = cfg.dense
-    tok_dir = model_dir if os.path.isdir(model_dir) else os.path.dirname(model_dir)
-    stop_ids = stop_ids_of(AutoTokenizer.from_pretrained(tok_dir), tok_dir)
-    return Policy(cfg, params, model_dir, tok_dir, stop_ids, what)
+    return Policy(cfg, params, loaded.model_dir, loaded.tokenizer_dir, loaded.stop_ids, what)
 
 
 def make_engine(policy: Policy, **engine_kwargs):

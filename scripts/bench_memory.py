@@ -266,10 +266,11 @@ def run_case(model: str, case_mode: str, args) -> dict:
 
 def estimated(model: str, case_mode: str, args) -> dict:
     from lorarl_jax import estimate as est_lib
+    from lorarl_jax.model.lora import LoraConfig
 
     prec = est_lib.Precision(param_dtype="float32", dtype="float32")
     cfg = est_lib.model_config(str(HF_CACHE / model), prec)
-    lcfg = est_lib.LoraConfig(r=args.rank, lora_alpha=2.0 * args.rank)
+    lcfg = LoraConfig(r=args.rank, lora_alpha=2.0 * args.rank)
     wl = est_lib.Workload(
         batch=args.batch,
         num_generations=args.n,

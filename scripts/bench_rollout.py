@@ -50,7 +50,8 @@ def make_prompts(model_dir: str, batch: int):
     """`batch` distinct chat-templated arithmetic questions → left-padded (ids_BxP, mask_BxP)."""
     from transformers import AutoTokenizer
 
-    from lorarl_jax.data import arith_rows, collate_left_padded, encode_prompts, pad_id_of
+    from lorarl_jax.data import collate_left_padded, encode_prompts, pad_id_of
+    from lorarl_jax.datasets import arith_rows
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples, _ = encode_prompts(arith_rows(batch, seed=0), tok, max_prompt_length=1024)

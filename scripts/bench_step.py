@@ -187,7 +187,7 @@ def bench_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
 
-    from lorarl_jax.data import arith_rows
+    from lorarl_jax.datasets import arith_rows
     from lorarl_jax.rl.reward_fns import gsm8k_score
 
     torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
     python scripts/make_arith.py --out data/arith --n-train 2000 --n-val 200 --seed 0
 
-Problems ("What is 23 + 48?", short word problems) come from ``data.arith_rows``; train and val
+Problems ("What is 23 + 48?", short word problems) come from ``datasets.arith_rows``; train and val
 are drawn as one set of distinct problems, so they never overlap.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from lorarl_jax import data  # noqa: E402
+from lorarl_jax import data, datasets  # noqa: E402
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--ops", default="+-*", help="operators to use, e.g. '+-'")
     args = parser.parse_args()
 
-    rows = data.arith_rows(args.n_train + args.n_val, args.seed, ops=tuple(args.ops))
+    rows = datasets.arith_rows(args.n_train + args.n_val, args.seed, ops=tuple(args.ops))
     train = [
         {**r, "extra_info": {**r["extra_info"], "split": "train"}} for r in rows[: args.n_train]
     ]

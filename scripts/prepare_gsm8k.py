@@ -3,7 +3,7 @@
     python scripts/prepare_gsm8k.py --input ../shared/data/gsm8k/train.jsonl --out data/gsm8k
 
 The split is a seeded random draw of ``--val-size`` problems (both files keep source order);
-``--max-train`` caps the training file. The conversion itself is ``data.gsm8k_rows_from_jsonl``.
+``--max-train`` caps the training file. The conversion itself is ``datasets.gsm8k_rows_from_jsonl``.
 """
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from lorarl_jax import data  # noqa: E402
+from lorarl_jax import data, datasets  # noqa: E402
 
 
 def main() -> None:
@@ -24,8 +24,8 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=None)
     args = parser.parse_args()
 
-    rows = data.gsm8k_rows_from_jsonl(args.input)
-    train, val = data.split_train_val(rows, args.val_size, args.seed, args.max_train)
+    rows = datasets.gsm8k_rows_from_jsonl(args.input)
+    train, val = datasets.split_train_val(rows, args.val_size, args.seed, args.max_train)
     out = Path(args.out)
     data.write_rows(train, out / "train.parquet")
     data.write_rows(val, out / "val.parquet")

@@ -9,41 +9,13 @@ import numpy as np
 import pytest
 
 from lorarl_jax.rl import advantages as adv
+from lorarl_jax.rl import masked
 
 EPS = 1e-6
 
 
 def _close(x, y, tol=1e-5):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
-
-
-# ---------------------------------------------------------------- masked statistics
-
-
-def test_masked_mean_var_whiten():
-    x = jnp.array([[1.0, 2.0, 100.0], [3.0, jnp.nan, 4.0]])
-    m = jnp.array([[1, 1, 0], [1, 0, 1]])
-    # masked values {1, 2, 3, 4}: mean 2.5; NaN and 100 sit under zeros of the mask.
-    _close(adv.masked_mean(x, m), 2.5)
-    # deviations -1.5, -0.5, 0.5, 1.5 -> squares sum 5 -> biased 5/4, unbiased 5/3
-    _close(adv.masked_var(x, m, unbiased=False), 1.25)
-    _close(adv.masked_var(x, m), 5.0 / 3.0)
-    # row means: (1+2)/2 = 1.5, (3+4)/2 = 3.5
-    _close(adv.masked_mean(x, m, axis=-1), [1.5, 3.5])
-    w = adv.masked_whiten(x, m)
-    s = math.sqrt(5.0 / 3.0)
-    _close(w[0, :2], [-1.5 / s, -0.5 / s])
-    _close(w[1, 2], 1.5 / s)
-    # shift_mean=False adds the mean back
-    _close(adv.masked_whiten(x, m, shift_mean=False)[0, 0], -1.5 / s + 2.5)
-
-
-def test_masked_var_single_token_is_finite():
-    # verl raises for a single masked token; here the Bessel factor is skipped: var 0.
-    x = jnp.array([[3.0, 7.0]])
-    m = jnp.array([[1, 0]])
-    _close(adv.masked_var(x, m), 0.0)
-    _close(adv.masked_whiten(x, m)[0, 0], 0.0)
 
 
 # ---------------------------------------------------------------- GRPO / Dr.GRPO
@@ -418,10 +390,10 @@ def _bitwise_cases():
         ),
         "stats": (
             lambda r, v, m, s: (
-                adv.masked_var(r, m),
-                adv.masked_var(r, m, unbiased=False),
-                adv.masked_whiten(r, m),
-                adv.masked_whiten(r, m, shift_mean=False),
+                masked.masked_var(r, m),
+                masked.masked_var(r, m, unbiased=False),
+                masked.masked_whiten(r, m),
+                masked.masked_whiten(r, m, shift_mean=False),
             ),
             lambda r, v, m, s: (
                 _old_masked_var(r, m),
@@ -595,11 +567,11 @@ def test_large_rewards_token_estimators(kind):
 def test_large_values_masked_stats_and_jit(kind):
     r, _, m, _ = _large_batch(kind)
     x = r + r[:, ::-1] * 0.25  # two non-zero tokens per row
-    _assert_matches_ref(adv.masked_whiten(x, m), _ref_whiten(x, m))
+    _assert_matches_ref(masked.masked_whiten(x, m), _ref_whiten(x, m))
     f = jax.jit(lambda r, m: adv.compute_advantages("grpo", r, m, groups=4)[0])
     _assert_matches_ref(f(r, m)[:, 0], _ref_grpo(r.sum(-1), 4))
     # the variance itself is ~1e75 here: it overflows exactly because the true value does
-    assert np.isinf(float(adv.masked_var(x, m)))
+    assert np.isinf(float(masked.masked_var(x, m)))
 
 
 def test_constant_huge_group_gives_zero_not_nan():
@@ -608,13 +580,5 @@ def test_constant_huge_group_gives_zero_not_nan():
         for g in (4, jnp.zeros(4, int)):
             a, _ = adv.grpo(jnp.full((4,), c), g, jnp.ones((4, 1)))
             np.testing.assert_array_equal(np.asarray(a), 0.0)
-        w = adv.masked_whiten(jnp.full((1, 4), c), jnp.ones((1, 4)))
+        w = masked.masked_whiten(jnp.full((1, 4), c), jnp.ones((1, 4)))
         np.testing.assert_array_equal(np.asarray(w), 0.0)
-
-
-def test_pow2_scale():
-    x = jnp.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 1e38, 3.4e38, jnp.inf, jnp.nan])
-    s = np.asarray(adv._pow2_scale(x))
-    # capped at 2^126 so that 1 / s is normal (XLA computes x / s as x * (1 / s))
-    np.testing.assert_array_equal(s, [1, 1, 1, 2, 2, 4, 2.0**126, 2.0**126, 1, 1])
-    assert float(adv._pow2_scale(jnp.float32(2.0**100))) == 2.0**100  # exact powers stay

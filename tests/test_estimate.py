@@ -1,4 +1,4 @@
-"""Memory estimator (memory_model.py + the estimate CLI): exact counts on tiny models, mesh
+"""Memory estimator (lorarl_jax/estimate/: model, params, cli): exact counts on tiny models, mesh
 division, the seed's 7B claims, the CLI, and (slow) the step estimate vs XLA's memory analysis."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lorarl_jax import estimate as E
-from lorarl_jax import memory_model as M
+from lorarl_jax import estimate as M
+from lorarl_jax.estimate import cli as E
 from lorarl_jax.model.config import from_hf_dict
 from lorarl_jax.model.lora import LoraConfig, count_params, init_lora
 from lorarl_jax.model.transformer import init_params
@@ -151,7 +151,7 @@ def test_lora_optimizer_state_of_7b_is_megabytes():
 
 def test_qlora_rl_on_7b_fits_a_24gb_card():
     """With gradient checkpointing at its design value (block inputs + one block): XLA:CPU does not
-    honour remat past ~4 layers (memory_model's docstring), so this is not demonstrated here."""
+    honour remat past ~4 layers (estimate/model.py docstring), so this is not demonstrated here."""
     prec = M.Precision()
     cfg = E.model_config("qwen2.5-7b", prec)
     wl = M.Workload(batch=4, num_generations=8, seq=256, max_new_tokens=512, micro_batch=8,

@@ -421,7 +421,7 @@ def _empty_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lorarl_jax.data import arith_rows
+    from lorarl_jax.datasets import arith_rows
 
     p = tmp_path / "empty.parquet"
     table = pa.Table.from_pylist(arith_rows(2, 0))
@@ -431,7 +431,7 @@ def _empty_parquet(tmp_path):
 
 def _bad_input(case, tmp_path, tiny, rewards):
     """(extra args, needles of the one-line error, config file) for one probe."""
-    from lorarl_jax.data import arith_rows
+    from lorarl_jax.datasets import arith_rows
 
     if case == "missing_config":
         return [], ["config file", "nope.py", "does not exist"], "configs/nope.py"

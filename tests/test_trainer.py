@@ -190,7 +190,8 @@ def test_malformed_row_names_file_and_row(tiny_model_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lorarl_jax.data import arith_rows, write_rows
+    from lorarl_jax.data import write_rows
+    from lorarl_jax.datasets import arith_rows
 
     rows = arith_rows(6, 0)
     good = tmp_path / "train.parquet"

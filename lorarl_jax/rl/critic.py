@@ -19,11 +19,12 @@ import numpy as np
 import optax
 
 from lorarl_jax import mesh as mesh_lib
-from lorarl_jax.config import CriticCfg
+from lorarl_jax.config import CriticCfg, OptimCfg
 from lorarl_jax.distributed import to_host
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.transformer import Transformer, abstract_params, positions_from_mask
 from lorarl_jax.rl import losses
+from lorarl_jax.rl import step as step_lib
 from lorarl_jax.rl.sharding import opt_state_shardings
 
 
@@ -86,18 +87,11 @@ class Critic:
         head = ValueModel(cfg).init(key, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))[
             "params"
         ]["value_head"]
-        sched = (
-            optax.join_schedules(
-                [
-                    optax.linear_schedule(0.0, ccfg.lr, max(ccfg.warmup_steps, 1)),
-                    optax.constant_schedule(ccfg.lr),
-                ],
-                [max(ccfg.warmup_steps, 1)],
-            )
-            if ccfg.warmup_steps
-            else ccfg.lr
+        # the policy's clip + AdamW + warmup; optax.adamw's default weight decay, as before
+        ocfg = OptimCfg(
+            lr=ccfg.lr, warmup_steps=ccfg.warmup_steps, grad_clip=ccfg.grad_clip, weight_decay=1e-4
         )
-        tx = optax.chain(optax.clip_by_global_norm(ccfg.grad_clip), optax.adamw(sched))
+        tx = step_lib.adamw(ocfg, total_steps)
         params_sh, opt_sh = critic_shardings(
             cfg, place.mesh, {"backbone": base, "value_head": head}, tx
         )

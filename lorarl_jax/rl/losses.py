@@ -1,9 +1,9 @@
 """PPO-family losses as pure array functions: clipped / dual-clip policy loss, KL estimators,
-value loss, loss aggregation modes, and the host-side KL controllers for KL-in-reward.
+value loss and loss aggregation modes.
 
 Design: each function reproduces its counterpart in verl's `verl/trainer/ppo/core_algos.py`
-(`compute_policy_loss_vanilla`, `agg_loss`, `kl_penalty`, `compute_value_loss`, the KL
-controllers) and `ray_trainer.apply_kl_penalty`, so verl recipes transfer unchanged. Losses
+(`compute_policy_loss_vanilla`, `agg_loss`, `kl_penalty`, `compute_value_loss`) and
+`ray_trainer.apply_kl_penalty`, so verl recipes transfer unchanged. Losses
 return `(scalar, metrics)` with metrics as a flat dict of scalars; string options are Python
 values resolved at trace time, so every function jits with them held static. The train step
 combines the pieces (verl's dp_actor):
@@ -11,15 +11,17 @@ combines the pieces (verl's dp_actor):
     loss = pg_loss - entropy_coeff * entropy_bonus + kl_loss_coef * kl_loss
 
 Inputs are token matrices `[B, T]` over response tokens; `mask_BxT` is 1 on response tokens.
+The masked reductions (`masked_sum`, `masked_mean`) come from `lorarl_jax.rl.masked`; the
+host-side KL controllers for KL-in-reward (fixed / adaptive beta) live in
+`lorarl_jax.rl.kl_control`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lorarl_jax.rl.advantages import masked_mean, masked_sum
+from lorarl_jax.rl.masked import masked_mean, masked_sum
 
 Array = jax.Array
 
@@ -233,31 +235,3 @@ def apply_kl_penalty(
     rewards_BxT = token_scores_BxT - kl_coef * kl_BxT
     current_kl = jnp.mean(masked_mean(kl_BxT, mask_BxT, axis=-1))
     return rewards_BxT, current_kl
-
-
-class FixedKLController:
-    """Constant KL coefficient; `.value` is beta, `.update` is a no-op."""
-
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        del current_kl, n_steps
-
-
-class AdaptiveKLController:
-    """Adaptive KL coefficient (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593).
-
-    e = clip(current_kl / target_kl - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
-    """
-
-    def __init__(self, init_kl_coef: float, target_kl: float, horizon: int):
-        if horizon <= 0:
-            raise ValueError(f"horizon must be > 0, got {horizon}")
-        self.value = init_kl_coef
-        self.target = target_kl
-        self.horizon = horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        proportional_error = float(np.clip(float(current_kl) / self.target - 1.0, -0.2, 0.2))
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon

@@ -24,8 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lorarl_jax.rl.advantages import masked_sum
 from lorarl_jax.rl.losses import agg_denominator
+from lorarl_jax.rl.masked import masked_sum
 
 Array = jax.Array
 LEVELS = ("none", "token", "sequence")

@@ -18,15 +18,16 @@ import jax
 import jax.numpy as jnp
 
 from lorarl_jax import data as data_lib
-from lorarl_jax import distributed, run_dir
+from lorarl_jax import datasets, distributed, run_dir
 from lorarl_jax import mesh as mesh_lib
 from lorarl_jax.checkpoint import Checkpointer, restore_or_none
 from lorarl_jax.config import RunConfig
 from lorarl_jax.metrics import MetricsLogger, plot_metrics
 from lorarl_jax.model import hf, quant
+from lorarl_jax.model.load import LoadedModel, load_model
 from lorarl_jax.model.lora import LoraConfig, init_lora, lora_logical_axes
 from lorarl_jax.model.transformer import abstract_params
-from lorarl_jax.rl import losses
+from lorarl_jax.rl import kl_control
 from lorarl_jax.rl import sharding as shard_lib
 from lorarl_jax.rl import step as step_lib
 from lorarl_jax.rl.guards import RunStopped, adapter_absmax
@@ -79,35 +80,6 @@ class Run:
         return self.step * self.updates_per_step
 
 
-def resolve_model_path(path: str) -> str:
-    """A HF directory, a .gguf file, or a PyPI-shipped model name (converted once, cached)."""
-    from lorarl_jax.model import gguf
-
-    if path in gguf.SHIPPED_MODELS:
-        from lorarl_jax.model.convert import ensure_shipped
-
-        return str(ensure_shipped(path))
-    if not path:
-        raise ValueError("config key model.path is empty: give a HF directory or 'smollm2'")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model.path {path!r} does not exist")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"model.path {path!r} has no config.json")
-    return path
-
-
-def stop_ids_of(tokenizer, model_dir: str) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = os.path.join(model_dir, "generation_config.json")
-    if os.path.exists(gen):
-        with open(gen) as f:
-            eos = json.load(f).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if not ids:
-        raise ValueError(f"{model_dir}: the tokenizer defines no eos token to stop generation")
-    return tuple(sorted(int(i) for i in ids))
-
-
 def _rows(files: str, split: str, cfg: RunConfig):
     if files:
         key, rows = f"data.{split}_files", []
@@ -120,37 +92,24 @@ def _rows(files: str, split: str, cfg: RunConfig):
             rows += got
         return rows
     d = cfg.data  # no files: the synthetic arithmetic task, deterministic from the seed
-    rows = data_lib.arith_rows(
+    rows = datasets.arith_rows(
         d.arith_n_train + d.arith_n_val, cfg.trainer.seed, tuple(d.arith_ops), d.arith_max_operand
     )
     return rows[: d.arith_n_train] if split == "train" else rows[d.arith_n_train :]
 
 
-def _load_model(cfg: RunConfig, mesh):
-    from transformers import AutoTokenizer
-
-    model_dir = resolve_model_path(cfg.model.path)
-    runtime = dict(
-        dtype=cfg.model.dtype,
-        param_dtype=cfg.model.param_dtype,
-        remat=cfg.model.gradient_checkpointing,
-        scan_layers=cfg.model.scan_layers,
-        quantization=cfg.model.quantization,  # NF4 kernels are quantized as they are read
-        double_quant=cfg.model.double_quant,
+def _load_model(cfg: RunConfig, mesh) -> LoadedModel:
+    m = cfg.model
+    return load_model(
+        m.path,
+        mesh=mesh,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        remat=m.gradient_checkpointing,
+        scan_layers=m.scan_layers,
+        quantization=m.quantization,  # NF4 kernels are quantized as they are read
+        double_quant=m.double_quant,
     )
-    from lorarl_jax.model.config import load_config
-
-    probe = load_config(model_dir, **runtime) if os.path.isdir(model_dir) else None
-    shardings = None
-    if probe is not None:
-        shardings = mesh_lib.param_shardings(abstract_params(probe), mesh)
-    model_cfg, base = hf.load_hf_model(model_dir, shardings=shardings, **runtime)
-    if shardings is None:  # a .gguf file: its config is known only once read
-        shardings = mesh_lib.param_shardings(abstract_params(model_cfg), mesh)
-        base = jax.device_put(jax.device_get(base), shardings)
-    tok_dir = model_dir if os.path.isdir(model_dir) else os.path.dirname(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    return model_dir, model_cfg, base, tokenizer
 
 
 def _init_adapter(cfg: RunConfig, model_cfg, base, key, mesh):
@@ -190,7 +149,13 @@ def build(cfg: RunConfig) -> Run:
     mesh = mesh_lib.make_mesh(tuple(tc.mesh))
     root = distributed.replicated_key(jax.random.key(tc.seed), mesh)  # saved in checkpoints
     k_lora, k_rollout, k_update = jax.random.split(root, 3)
-    model_dir, model_cfg, base, tokenizer = _load_model(cfg, mesh)
+    loaded = _load_model(cfg, mesh)
+    model_dir, model_cfg, base, tokenizer = (
+        loaded.model_dir,
+        loaded.cfg,
+        loaded.params,
+        loaded.tokenizer,
+    )
     lora, lcfg = _init_adapter(cfg, model_cfg, base, k_lora, mesh)
     ref_lora = jax.tree.map(jnp.copy, lora) if cfg.algo.reference == "init_adapter" else None
 
@@ -262,9 +227,9 @@ def build(cfg: RunConfig) -> Run:
     )
     a = cfg.algo
     kl_ctl = (
-        losses.AdaptiveKLController(a.kl_coef, a.target_kl, a.kl_horizon)
+        kl_control.AdaptiveKLController(a.kl_coef, a.target_kl, a.kl_horizon)
         if a.kl_ctrl == "adaptive"
-        else losses.FixedKLController(a.kl_coef)
+        else kl_control.FixedKLController(a.kl_coef)
     )
     critic = None
     if a.adv_estimator == "gae":
@@ -315,7 +280,7 @@ def build(cfg: RunConfig) -> Run:
         logprobs=logprobs,
         place=place,
         sampling=SamplingParams(rc.temperature, rc.top_k, rc.top_p),
-        stop_ids=stop_ids_of(tokenizer, model_dir),
+        stop_ids=loaded.stop_ids,
         pad_id=pad_id,
         reward=reward,
         val_reward=reward,

@@ -55,14 +55,19 @@ def trainable_mask(tree):
     )
 
 
-def make_optimizer(cfg: OptimCfg, total_steps: int) -> optax.GradientTransformation:
-    tx = optax.chain(
+def adamw(cfg: OptimCfg, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping (grad_clip > 0) then AdamW on `lr_schedule`, over every leaf."""
+    return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(
             lr_schedule(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay
         ),
     )
-    return optax.masked(tx, trainable_mask)
+
+
+def make_optimizer(cfg: OptimCfg, total_steps: int) -> optax.GradientTransformation:
+    """The policy's optimizer: `adamw` masked to the adapter leaves."""
+    return optax.masked(adamw(cfg, total_steps), trainable_mask)
 
 
 def minibatch_denominators(mask_RxN, algo: AlgoCfg) -> dict[str, jax.Array]:

@@ -4,8 +4,9 @@
         --seq 256 --max_new_tokens 512 --micro_batch 8 --remat --dtype bfloat16 --mesh 1,1,1
 
 `--model` is a HF checkpoint directory, a config.json or a preset (`PRESETS`: HF config fields,
-no download). The numbers come from `memory_model.estimate` (pure functions, see its design note);
-this module only builds the inputs and prints a table in GiB per device (or `--json` bytes).
+no download). The numbers come from `model.estimate` (pure functions, see its design note); this
+module only builds the inputs and prints a table in GiB per device (or `--json` bytes).
+`python -m lorarl_jax.estimate` runs `main` (`__main__.py`).
 Validated against XLA's memory analysis and peak RSS of real steps: `scripts/bench_memory.py`.
 """
 
@@ -14,9 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from lorarl_jax.memory_model import (
+from lorarl_jax.estimate.model import (
     MODES,
     Breakdown,
     Options,
@@ -28,6 +28,7 @@ from lorarl_jax.model.config import ModelConfig, from_hf_dict, load_config
 from lorarl_jax.model.lora import LoraConfig
 
 GiB = 2.0**30
+PROG = "python -m lorarl_jax.estimate"
 _LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 PRESETS: dict[str, dict] = {
     "smollm2-135m": _LLAMA | {
@@ -143,7 +144,7 @@ def format_table(cfg: ModelConfig, lcfg, wl: Workload, prec: Precision, opts: Op
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help=f"HF dir, config.json or one of {list(PRESETS)}")
     p.add_argument("--lora.r", dest="r", type=int, default=16)
     p.add_argument("--lora.target_modules", dest="target_modules", nargs="+",
@@ -206,10 +207,3 @@ def main(argv=None) -> dict[str, Breakdown]:
     else:
         print(format_table(cfg, lcfg, wl, prec, opts, est))
     return est
-
-
-if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:  # a bad argument: one line, not a traceback
-        sys.exit(f"error: {e}")
