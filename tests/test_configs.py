@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from lorarl_jax.config import default_config, from_config_dict
+from lorarl_jax.config import batch_sizes, default_config, from_config_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,3 +74,22 @@ def test_derived_defaults_are_resolved_once():
     assert cfg.algo.loss_scale_factor == 100.0 and cfg.rollout.max_logp_gap == 0.5
     c.rollout.max_logp_gap = 0.0
     assert from_config_dict(c).rollout.max_logp_gap == LOGP_GAP_DEFAULTS["bfloat16"]
+
+
+@pytest.mark.parametrize(
+    "group,key,value,needle",
+    [
+        ("algo", "ppo_mini_batch_size", 3, "algo.ppo_mini_batch_size=3 must divide"),
+        ("algo", "micro_batch_size", 12, "algo.micro_batch_size=12 must be a multiple"),
+        ("algo", "micro_batch_size", 3, "algo.micro_batch_size=3 must be a multiple"),
+    ],
+)
+def test_batch_arithmetic_is_checked_with_the_config(group, key, value, needle):
+    """data.batch_size=4 prompts × 8 generations: mini-batches and micro-batches must divide."""
+    c = default_config()
+    c[group][key] = value
+    with pytest.raises(ValueError, match=needle):
+        from_config_dict(c)
+    c[group][key] = 0
+    sizes = batch_sizes(from_config_dict(c))
+    assert (sizes.prompts_per_update, sizes.rows_per_micro, sizes.n_micro) == (4, 32, 1)

@@ -335,19 +335,19 @@ def _placement(model_dir: str, reward_file: str, out: str) -> dict:
         c[group][name] = value
     run = build(from_config_dict(c))
     q = ("layers_0", "self_attn", "q_proj")
-    lora_a_before = traverse_util.flatten_dict(run.lora)[q + ("lora_a",)]
-    tb, _ = trainer.rollout_step(run, next(run.data_iter), 1)
-    trainer.update_step(run, tb, 1)
-    lora = traverse_util.flatten_dict(run.lora)
+    lora_a_before = traverse_util.flatten_dict(run.state.lora)[q + ("lora_a",)]
+    state, tb, _ = trainer.rollout_step(run, run.state, next(run.data_iter), 1)
+    state, _ = trainer.update(run, state, tb, 1)
+    lora = traverse_util.flatten_dict(state.lora)
     named = [
         (jax.tree_util.keystr(p), x)
-        for p, x in jax.tree_util.tree_flatten_with_path(run.opt_state)[0]
+        for p, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
     ]
     moments = {  # Adam's mu and nu of layer 0's q_proj A
         k: _spec(x) for k, x in named if all(s in k for s in ("layers_0", "q_proj", "lora_a"))
     }
     base = traverse_util.flatten_dict(run.base)
-    merged = traverse_util.flatten_dict(run.merge(run.base, run.lora).params)
+    merged = traverse_util.flatten_dict(run.programs.merge(run.base, state.lora).params)
     return {
         "lora_a": _spec(lora[q + ("lora_a",)]),
         "lora_b": _spec(lora[q + ("lora_b",)]),

@@ -268,6 +268,8 @@ def test_resume_refuses_policy_changes_and_keeps_the_record(tmp_path):
             if isinstance(v, bool)
             else (v + 1 if isinstance(v, (int, float)) and k != "mesh" else v)
         )
+        if key == "algo.micro_batch_size":  # a valid split of the 4 × 8-row mini-batch
+            d2[g][k] = 8
         run_dir.prepare(from_config_dict(d2))  # allowed
     d2 = json.loads(json.dumps(d))
     d2["optim"]["schedule"], d2["trainer"]["steps"] = "constant", 20
@@ -682,8 +684,7 @@ def test_a_non_finite_adapter_is_never_checkpointed():
         def save(self, *a, **kw):
             raise AssertionError("a NaN adapter reached the checkpointer")
 
-    run = types.SimpleNamespace(
-        ckpt=Refuse(), step=4, lora={"a": jnp.ones(3), "b": jnp.array([0.0, jnp.nan])}
-    )
+    lora = {"a": jnp.ones(3), "b": jnp.array([0.0, jnp.nan])}
+    run = types.SimpleNamespace(ckpt=Refuse(), state=types.SimpleNamespace(step=4, lora=lora))
     with pytest.raises(RunStopped, match="step 4: the adapter holds NaN/inf; not checkpointed"):
         save_checkpoint(run)

@@ -1,6 +1,7 @@
 """Rollouts sample the policy being trained: bf16 decode, the sync gate, and the metrics that
 show it (trainer-level, on the tiny model)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -111,7 +112,7 @@ def test_sync_gate_errors_on_a_sampler_that_never_sees_the_adapter(
     kw = GATE | {"rollout.logp_gap_action": "error", "trainer.ckpt_interval": 1}
     kw["trainer.async_checkpoint"] = False
     run = _build(tiny_model_dir, reward_file, out, **kw)
-    run.merge = _NeverSynced(run.merge)
+    run.programs = dataclasses.replace(run.programs, merge=_NeverSynced(run.programs.merge))
     with pytest.raises(trainer.LogpGapError, match=r"^step 2: sampler-vs-trainer log-prob gap"):
         trainer.train_run(run)
     with Checkpointer(out / "ckpt", save_interval_steps=1, max_to_keep=2, async_save=False) as ck:
@@ -122,7 +123,7 @@ def test_sync_gate_warns_and_a_correct_run_never_fires(
     tiny_model_dir, reward_file, tmp_path, capsys
 ):
     run = _build(tiny_model_dir, reward_file, tmp_path / "warn", **GATE)
-    run.merge = _NeverSynced(run.merge)
+    run.programs = dataclasses.replace(run.programs, merge=_NeverSynced(run.programs.merge))
     trainer.train_run(run)
     err = capsys.readouterr().err
     assert err.count("WARNING: step 2: sampler-vs-trainer log-prob gap") == 1
@@ -162,18 +163,25 @@ def test_critic_uses_the_policy_loss_agg_mode(tiny_model_dir, reward_file, tmp_p
     mode = "seq-mean-token-sum"
     kw = {"algo.adv_estimator": "gae", "algo.loss_agg_mode": mode, "trainer.steps": 1}
     run = _build(tiny_model_dir, reward_file, tmp_path / "ppo", **kw)
-    assert run.critic.loss_agg_mode == mode
+    assert run.static.cfg.algo.loss_agg_mode == mode
     rng = np.random.default_rng(0)
-    tokens = rng.integers(1, run.model_cfg.vocab_size, (4, 10)).astype(np.int32)
+    tokens = rng.integers(1, run.static.model_cfg.vocab_size, (4, 10)).astype(np.int32)
     attn = np.ones((4, 10), np.int32)
     rmask = np.ones((4, 4), np.int32)
     rmask[1, 2:] = 0
-    v = np.asarray(response_values(run.critic.cfg, run.critic.params, tokens, attn, 4))
+    state = run.state
+    v = np.asarray(
+        response_values(run.static.model_cfg.dense, state.critic_params, tokens, attn, 4)
+    )
     returns = rng.normal(size=(4, 4)).astype(np.float32)
     mb = {"tokens": tokens, "attention_mask": attn, "response_mask": rmask}
     mb |= {"values": v, "returns": returns}
-    want, _ = losses.value_loss(v, v, returns, rmask, run.cfg.critic.cliprange_value, mode)
-    token_mean, _ = losses.value_loss(v, v, returns, rmask, run.cfg.critic.cliprange_value)
-    got = float(run.critic.update(run.place.put(mb))["critic/vf_loss"])
+    clip = run.static.cfg.critic.cliprange_value
+    want, _ = losses.value_loss(v, v, returns, rmask, clip, mode)
+    token_mean, _ = losses.value_loss(v, v, returns, rmask, clip)
+    update = run.programs.critic_update
+    got = float(
+        update(state.critic_params, state.critic_opt_state, run.place.put(mb))[2]["critic/vf_loss"]
+    )
     np.testing.assert_allclose(got, float(want), rtol=1e-5)
     assert abs(float(want) - float(token_mean)) > 1e-3

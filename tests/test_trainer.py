@@ -366,7 +366,7 @@ def test_train_step_compiles_once(tiny_model_dir, tmp_path):
     """Fixed shapes → the jitted policy step is traced/compiled once across steps."""
     from lorarl_jax.config import from_config_dict
     from lorarl_jax.rl.setup import build
-    from lorarl_jax.rl.trainer import rollout_step, update_step
+    from lorarl_jax.rl.trainer import rollout_step, update
 
     c = _smoke_cfg(tiny_model_dir, tmp_path / "r", rollout=dict(response_bucket=0))
     c.data.max_val_samples = 0
@@ -382,9 +382,9 @@ def test_train_step_compiles_once(tiny_model_dir, tmp_path):
     for step in (1, 2, 3):
         if step == 2:  # everything is compiled by now: later steps must not compile again
             jax.monitoring.register_event_duration_secs_listener(listener)
-        tb, _ = rollout_step(run, next(run.data_iter), step)
-        update_step(run, tb, step)
-        run.step = step
+        state, tb, _ = rollout_step(run, run.state, next(run.data_iter), step)
+        state, _ = update(run, state, tb, step)
+        run.state = state.replace(step=step)
     jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     run.logger.close()

@@ -20,7 +20,6 @@ Design
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -30,43 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from lorarl_jax.config import LINEAR_NAMES, LoraConfig  # noqa: F401  (re-exported)
 from lorarl_jax.model import quant
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA = "lora"  # the adapter collection
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    r: int = 16
-    lora_alpha: float = 32.0
-    target_modules: tuple[str, ...] = LINEAR_NAMES
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-
-    def __post_init__(self):
-        if self.r <= 0:
-            raise ValueError(f"lora.r must be positive, got {self.r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        tm = self.target_modules
-        if isinstance(tm, str):
-            tm = (tm,)
-        tm = tuple(tm)
-        if tm in (("all-linear",), ("all_linear",)):
-            tm = LINEAR_NAMES
-        unknown = [t for t in tm if t not in LINEAR_NAMES]
-        if unknown or not tm:
-            raise ValueError(
-                f"lora.target_modules {list(unknown or tm)} match no layer; valid names: "
-                f"{list(LINEAR_NAMES)} or 'all-linear'"
-            )
-        # Canonical order, no duplicates: configs that name the same layers compare equal.
-        object.__setattr__(self, "target_modules", tuple(n for n in LINEAR_NAMES if n in tm))
-
-    @property
-    def scale(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 class LoRADense(nn.Module):

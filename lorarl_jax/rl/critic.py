@@ -8,19 +8,13 @@ Loss: ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²), aggregated like th
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lorarl_jax import mesh as mesh_lib
 from lorarl_jax.config import CriticCfg, OptimCfg
-from lorarl_jax.distributed import to_host
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.transformer import Transformer, abstract_params, positions_from_mask
 from lorarl_jax.rl import losses
@@ -59,86 +53,36 @@ def critic_shardings(cfg: ModelConfig, mesh, params, tx):
     return params_sh, opt_state_shardings(tx, params, params_sh, mesh)
 
 
-@dataclasses.dataclass
-class Critic:
-    cfg: ModelConfig
-    ccfg: CriticCfg
-    loss_agg_mode: str  # the policy's algo.loss_agg_mode (verl's critic inherits it)
-    params: Any
-    opt_state: Any
-    tx: Any
-    place: Any  # rl.sharding.Placement of the run: its mesh and batch layout
-    values_fn: Any  # jitted _values with explicit shardings
-    step_fn: Any  # jitted _critic_step with explicit shardings, params / opt_state donated
-
-    @classmethod
-    def create(
-        cls,
-        cfg,
-        base,
-        ccfg: CriticCfg,
-        total_steps: int,
-        key,
-        place,
-        loss_agg_mode="token-mean",
-        loss_scale_factor: float | None = None,
-    ):
-        """`base`: the dense base weights (on the mesh); the backbone is a copy of them."""
-        head = ValueModel(cfg).init(key, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))[
-            "params"
-        ]["value_head"]
-        # the policy's clip + AdamW + warmup; optax.adamw's default weight decay, as before
-        ocfg = OptimCfg(
-            lr=ccfg.lr, warmup_steps=ccfg.warmup_steps, grad_clip=ccfg.grad_clip, weight_decay=1e-4
-        )
-        tx = step_lib.adamw(ocfg, total_steps)
-        params_sh, opt_sh = critic_shardings(
-            cfg, place.mesh, {"backbone": base, "value_head": head}, tx
-        )
-        params = jax.jit(  # a copy: the critic step donates its params, the base stays
-            lambda b, h: {"backbone": jax.tree.map(jnp.copy, b), "value_head": h},
-            out_shardings=params_sh,
-        )(base, jax.device_put(jax.device_get(head), params_sh["value_head"]))
-        opt_state = jax.jit(tx.init, in_shardings=(params_sh,), out_shardings=opt_sh)(params)
-        batch, repl = place.batch, place.replicated
-        values_fn = jax.jit(
-            functools.partial(_values, cfg=cfg),
-            static_argnums=(3,),
-            in_shardings=(params_sh, batch, batch),
-            out_shardings=repl,
-        )
-        step = functools.partial(
-            _critic_step,
-            cfg=cfg,
-            tx=tx,
-            clip=ccfg.cliprange_value,
-            agg=loss_agg_mode,
-            scale=loss_scale_factor,
-        )
-        step_fn = jax.jit(
-            step,
-            in_shardings=(params_sh, opt_sh, batch),
-            out_shardings=(params_sh, opt_sh, repl),
-            donate_argnums=(0, 1),
-        )
-        return cls(cfg, ccfg, loss_agg_mode, params, opt_state, tx, place, values_fn, step_fn)
-
-    def values(self, tokens, attn, n_resp: int) -> np.ndarray:
-        """V of each response token of host sequences [B, L] → host [B, n_resp]."""
-        tokens, attn = self.place.put((tokens, attn))
-        return to_host(self.values_fn(self.params, tokens, attn, n_resp))
-
-    def update(self, mb) -> dict:
-        """One AdamW step on a mini-batch already on the mesh (`Placement.put`)."""
-        self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, mb)
-        return m
+def critic_tx(ccfg: CriticCfg, total_steps: int) -> optax.GradientTransformation:
+    """The policy's clip + AdamW + warmup (`step.adamw`) with optax.adamw's default decay."""
+    ocfg = OptimCfg(
+        lr=ccfg.lr, warmup_steps=ccfg.warmup_steps, grad_clip=ccfg.grad_clip, weight_decay=1e-4
+    )
+    return step_lib.adamw(ocfg, total_steps)
 
 
-def _values(params, tokens, attn, n_resp, *, cfg):
-    return response_values(cfg, params, tokens, attn, n_resp)
+def init_critic(cfg: ModelConfig, base, key, tx, mesh):
+    """(params, opt_state, params_sh, opt_sh): a copy of the dense `base` (on the mesh) as the
+    backbone, a zero value head, AdamW state; shardings from `critic_shardings`."""
+    head = ValueModel(cfg).init(key, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))[
+        "params"
+    ]["value_head"]
+    params_sh, opt_sh = critic_shardings(cfg, mesh, {"backbone": base, "value_head": head}, tx)
+    params = jax.jit(  # a copy: the critic step donates its params, the base stays
+        lambda b, h: {"backbone": jax.tree.map(jnp.copy, b), "value_head": h},
+        out_shardings=params_sh,
+    )(base, jax.device_put(jax.device_get(head), params_sh["value_head"]))
+    opt_state = jax.jit(tx.init, in_shardings=(params_sh,), out_shardings=opt_sh)(params)
+    return params, opt_state, params_sh, opt_sh
 
 
-def _critic_step(params, opt_state, mb, *, cfg, tx, clip, agg, scale):
+def critic_values(params, tokens_BxL, attn_BxL, n_resp: int, *, cfg):
+    """V of each response token: [B, n_resp] (`response_values`, the critic programs' body)."""
+    return response_values(cfg, params, tokens_BxL, attn_BxL, n_resp)
+
+
+def critic_step(params, opt_state, mb, *, cfg, tx, clip, agg, scale):
+    """One AdamW step of the clipped value loss on a mini-batch → (params, opt_state, metrics)."""
     N = mb["response_mask"].shape[1]
 
     def loss_fn(p):

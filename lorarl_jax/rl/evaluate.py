@@ -1,4 +1,4 @@
-"""Held-out evaluation: greedy decoding on merged weights, answer correctness with its noise.
+"""Held-out evaluation: greedy decoding of the current policy, answer correctness with its noise.
 
 Reports strict accuracy (`#### N` near the end), flexible accuracy (last number in the text) and
 the mean reward, each with its binomial standard error √(p(1−p)/n), so a before/after comparison
@@ -16,7 +16,6 @@ import numpy as np
 
 from lorarl_jax.data import collate_left_padded
 from lorarl_jax.rl.rewards import RewardManager, gsm8k_accuracy_metrics
-from lorarl_jax.sampling.sampler import SamplingParams, generate
 
 
 def decode_responses(tokenizer, tokens_RxN, lengths_R) -> list[str]:
@@ -28,25 +27,20 @@ def decode_responses(tokenizer, tokens_RxN, lengths_R) -> list[str]:
 
 
 def evaluate(
-    model_cfg,
-    merged_params,
+    generate_fn,
     examples,
     tokenizer,
     reward: RewardManager,
     *,
     batch_size: int,
     max_prompt_length: int,
-    max_new_tokens: int,
-    stop_ids: tuple[int, ...],
     pad_id: int,
     pad_multiple: int | None = None,
-    generate_fn=generate,
-    lora=None,
-    lcfg=None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Greedy completions for every example → (metrics, per-sample records). `generate_fn`: a
-    stand-in for `sampler.generate` (the trainer's puts host arrays on its mesh). `lora` + `lcfg`:
-    decode with the adapter unmerged (`merged_params` is then the base)."""
+    """Greedy completions for every example → (metrics, per-sample records).
+
+    `generate_fn(tokens_BxP, mask_BxP, key) → Rollout` decodes one padded batch greedily (the
+    trainer's is its evaluation program on the current weights, `rl/programs.py`)."""
     completions, records = [], []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])
@@ -54,17 +48,7 @@ def evaluate(
         chunk += [chunk[-1]] * (batch_size - real)  # fixed batch shape: one compile
         batch = collate_left_padded(chunk, pad_id, max_prompt_length, pad_multiple)
         out = generate_fn(
-            model_cfg,
-            merged_params,
-            jnp.asarray(batch["input_ids"]),
-            jnp.asarray(batch["attention_mask"]),
-            jax.random.key(0),
-            n=1,
-            max_new_tokens=max_new_tokens,
-            stop_ids=stop_ids,
-            pad_id=pad_id,
-            sp=SamplingParams(greedy=True),
-            **({} if lora is None else {"lora": lora, "lcfg": lcfg}),
+            jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]), jax.random.key(0)
         )
         texts = decode_responses(tokenizer, out.tokens, out.lengths)[:real]
         completions += texts

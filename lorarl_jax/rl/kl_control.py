@@ -7,10 +7,9 @@ formula for formula:
     adaptive:  e = clip(current_kl / target_kl - 1, -0.2, 0.2)
                beta <- beta * (1 + e * n_steps / horizon)          (Ziegler et al. 2019)
 
-Unlike the pure array functions of `lorarl_jax.rl.losses`, these are host-side mutable state:
-the trainer reads `.value` (a Python float) before each step and calls
-`.update(current_kl, n_steps=batch_size)` after it. That value is the controller's whole state
-and is what the checkpoint saves and restores.
+The coefficient is the controller's whole state. The trainer keeps it in its `TrainState`
+(`kl_coef`, checkpointed) and moves it with the pure `next_value(value, current_kl, n_steps)`;
+`.value` / `.update` keep a controller object usable on its own (verl's interface).
 """
 
 from __future__ import annotations
@@ -24,8 +23,12 @@ class FixedKLController:
     def __init__(self, kl_coef: float):
         self.value = kl_coef
 
-    def update(self, current_kl: float, n_steps: int) -> None:
+    def next_value(self, value: float, current_kl: float, n_steps: int) -> float:
         del current_kl, n_steps
+        return value
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        self.value = self.next_value(self.value, current_kl, n_steps)
 
 
 class AdaptiveKLController:
@@ -41,6 +44,9 @@ class AdaptiveKLController:
         self.target = target_kl
         self.horizon = horizon
 
-    def update(self, current_kl: float, n_steps: int) -> None:
+    def next_value(self, value: float, current_kl: float, n_steps: int) -> float:
         proportional_error = float(np.clip(float(current_kl) / self.target - 1.0, -0.2, 0.2))
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return value * (1.0 + proportional_error * n_steps / self.horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        self.value = self.next_value(self.value, current_kl, n_steps)

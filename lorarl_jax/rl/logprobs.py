@@ -130,6 +130,25 @@ def shared_prompt_logprobs(
     return chunked_logprobs(cfg, base, h, resp_RxN, temperature, chunk)
 
 
+def batch_logprobs(cfg: ModelConfig, lcfg, base, lora, batch, *, n, temperature, chunk):
+    """`shared_prompt_logprobs` of a train batch dict (prompt_tokens / prompt_mask / responses /
+    response_mask): the old policy with `lora`, the reference with `lora=None`. Not jitted:
+    `step.compute_logprobs` is the single-device program, `rl/programs.py` the sharded one."""
+    return shared_prompt_logprobs(
+        cfg,
+        lcfg,
+        base,
+        lora,
+        batch["prompt_tokens"],
+        batch["prompt_mask"],
+        batch["responses"],
+        batch["response_mask"],
+        n,
+        temperature,
+        chunk,
+    )
+
+
 def token_logprobs(
     cfg: ModelConfig,
     lcfg: LoraConfig | None,

@@ -3,7 +3,8 @@ r"""Rule-based scorers of one completion: GSM8K `#### N`, MATH `\boxed{...}`, an
 Design: each scorer is a pure function on plain strings, `(solution_str, ground_truth) -> float`,
 following verl's `verl/utils/reward_score/gsm8k.py` and `math.py` (the Hendrycks-MATH
 `strip_string` / `is_equiv` logic) so that rewards and accuracies carry over from verl runs.
-Dispatch by `data_source`, batching and time limits live in `rewards.py`.
+`default_compute_score` dispatches on `data_source` as verl's does (below); batching, custom
+functions and time limits live in `rewards.py`.
 
 Where we deliberately differ from verl (all in the lenient direction, never marking a wrong
 answer right):
@@ -21,8 +22,11 @@ here are linear-time, so they cannot stall the reward worker threads.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
+
+import numpy as np
 
 SOLUTION_CLIP_CHARS = 300
 
@@ -234,3 +238,51 @@ def format_score(
     flags (`(?m)`, `(?s)`) in a custom pattern to change line semantics.
     """
     return float(score) if re.search(pattern, solution_str) else 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# Dispatch by data_source (verl default_compute_score) and GSM8K accuracies
+# ------------------------------------------------------------------------------------------
+
+GSM8K_SOURCES = ("openai/gsm8k", "gsm8k", "arith")
+MATH_SOURCES = (
+    "lighteval/MATH",
+    "DigitalLearningGmbH/MATH-lighteval",
+    "math",
+    "HuggingFaceH4/MATH-500",
+    "hendrycks/competition_math",
+    "EleutherAI/hendrycks_math",
+)
+KNOWN_SOURCES = GSM8K_SOURCES + MATH_SOURCES
+_SCORERS: dict[str, Callable[[str, object], float]] = {
+    **{s.lower(): gsm8k_score for s in GSM8K_SOURCES},
+    **{s.lower(): math_score for s in MATH_SOURCES},
+}
+
+
+def default_compute_score(data_source: str, solution_str: str, ground_truth, extra_info=None):
+    """Rule reward of one completion, chosen by `data_source` (case-insensitive)."""
+    scorer = _SCORERS.get(str(data_source).lower())
+    if scorer is None:
+        raise ValueError(
+            f"no builtin reward for data_source={data_source!r}; known: {list(KNOWN_SOURCES)}"
+        )
+    return float(scorer(solution_str, ground_truth))
+
+
+def gsm8k_accuracy_metrics(completions: Sequence[str], columns: Mapping[str, Sequence]):
+    """`reward/accuracy_strict` (`#### N`) and `reward/accuracy_flexible` (last number) over the
+    samples whose `data_source` is GSM8K-like; {} if there are none or no ground truth."""
+    sources, truths = columns.get("data_source"), columns.get("ground_truth")
+    if sources is None or truths is None:
+        return {}
+    gsm8k = {s.lower() for s in GSM8K_SOURCES}
+    idx = [i for i, s in enumerate(sources) if str(s).lower() in gsm8k]
+    if not idx:
+        return {}
+    return {
+        f"reward/accuracy_{method}": float(
+            np.mean([gsm8k_score(completions[i], truths[i], method) == 1.0 for i in idx])
+        )
+        for method in ("strict", "flexible")
+    }

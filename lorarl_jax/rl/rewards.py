@@ -11,7 +11,7 @@ Design
 - `SampleRewardFn` wraps a scorer of *one* sample, evaluated sample by sample so that one slow
   or broken sample costs only itself. The builtin reward (`"builtin"`) is one: it dispatches on
   `data_source` like verl's `default_compute_score` (GSM8K / our `arith` task -> strict `#### N`,
-  MATH -> `\\boxed{}`); the scorers themselves live in `reward_fns.py`.
+  MATH -> `\\boxed{}`); the scorers and that dispatch live in `reward_fns.py`.
 - Configuration mistakes (unknown `data_source`, missing or misaligned columns) raise instead of
   reading as zero rewards: every batch, and once up front over the whole dataset through
   `RewardManager.validate`, which names each unknown source and how many rows have it.
@@ -52,7 +52,16 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from lorarl_jax.rl import reward_threads
-from lorarl_jax.rl.reward_fns import format_score, gsm8k_score, math_score
+from lorarl_jax.rl.reward_fns import (  # noqa: F401  (re-exported: the builtin dispatch)
+    _SCORERS,
+    GSM8K_SOURCES,
+    KNOWN_SOURCES,
+    MATH_SOURCES,
+    default_compute_score,
+    format_score,
+    gsm8k_accuracy_metrics,
+    gsm8k_score,
+)
 from lorarl_jax.rl.reward_threads import RewardHangError, hung_threads  # noqa: F401  (RewardHangError: API)
 
 log = logging.getLogger(__name__)
@@ -60,37 +69,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 60.0
 _SAMPLE_WORKERS = 8  # threads per SampleRewardFn: how many hung samples we can absorb
 
-GSM8K_SOURCES = ("openai/gsm8k", "gsm8k", "arith")
-MATH_SOURCES = (
-    "lighteval/MATH",
-    "DigitalLearningGmbH/MATH-lighteval",
-    "math",
-    "HuggingFaceH4/MATH-500",
-    "hendrycks/competition_math",
-    "EleutherAI/hendrycks_math",
-)
-KNOWN_SOURCES = GSM8K_SOURCES + MATH_SOURCES
-_SCORERS: dict[str, Callable[[str, object], float]] = {
-    **{s.lower(): gsm8k_score for s in GSM8K_SOURCES},
-    **{s.lower(): math_score for s in MATH_SOURCES},
-}
-
 RewardFn = Callable[..., Sequence[float | None]]
 _FAILURES = ("timeouts", "errors", "none", "nonfinite")  # outcomes that score 0
-
-# ------------------------------------------------------------------------------------------
-# Builtin dispatch (verl default_compute_score)
-# ------------------------------------------------------------------------------------------
-
-
-def default_compute_score(data_source: str, solution_str: str, ground_truth, extra_info=None):
-    """Rule reward of one completion, chosen by `data_source` (case-insensitive)."""
-    scorer = _SCORERS.get(str(data_source).lower())
-    if scorer is None:
-        raise ValueError(
-            f"no builtin reward for data_source={data_source!r}; known: {list(KNOWN_SOURCES)}"
-        )
-    return float(scorer(solution_str, ground_truth))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,24 +314,6 @@ def failed_functions(metrics: Mapping[str, float], batch: int) -> list[str]:
         for key, value in metrics.items()
         if key.startswith(prefix) and key.endswith(suffix) and value == batch
     ]
-
-
-def gsm8k_accuracy_metrics(completions: Sequence[str], columns: Mapping[str, Sequence]):
-    """`reward/accuracy_strict` (`#### N`) and `reward/accuracy_flexible` (last number) over the
-    samples whose `data_source` is GSM8K-like; {} if there are none or no ground truth."""
-    sources, truths = columns.get("data_source"), columns.get("ground_truth")
-    if sources is None or truths is None:
-        return {}
-    gsm8k = {s.lower() for s in GSM8K_SOURCES}
-    idx = [i for i, s in enumerate(sources) if str(s).lower() in gsm8k]
-    if not idx:
-        return {}
-    return {
-        f"reward/accuracy_{method}": float(
-            np.mean([gsm8k_score(completions[i], truths[i], method) == 1.0 for i in idx])
-        )
-        for method in ("strict", "flexible")
-    }
 
 
 def _check_aligned(columns: Mapping[str, Sequence], rows: int, what: str = "the batch") -> None:

@@ -14,7 +14,7 @@ Design
   one, whatever the mesh or the number of processes.
 - What the host reads back (rollout tokens, log-probs, metrics) leaves the jitted functions fully
   replicated, so every process reads the whole result locally and computes the same rewards and
-  advantages.
+  advantages. The programs themselves are built in `rl/programs.py`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,8 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lorarl_jax import mesh as mesh_lib
-from lorarl_jax.distributed import to_host
 from lorarl_jax.model.lora import merge
 from lorarl_jax.model.transformer import abstract_params
-from lorarl_jax.rl.step import compute_logprobs
-from lorarl_jax.sampling.sampler import generate
 
 
 def data_parallel(mesh: Mesh) -> int:
@@ -124,79 +121,3 @@ def make_placement(mesh: Mesh, model_cfg, base, lora, tx, scale: float) -> Place
     merged = jax.eval_shape(lambda b, lo: merge(b, lo, scale, dtype), base, lora)
     decode = _decode_shardings(model_cfg.dense, merged, mesh)
     return Placement(mesh, base_sh, lora_sh, opt_sh, decode)
-
-
-def init_opt_state(pl: Placement, tx, lora):
-    return jax.jit(tx.init, in_shardings=(pl.lora,), out_shardings=pl.opt_state)(lora)
-
-
-def jit_merge(pl: Placement, scale: float, dtype=np.float32):
-    """(base, lora) → merged weights, laid out for decode (NF4 layers dequantized to `dtype`)."""
-    return jax.jit(
-        lambda b, lo: merge(b, lo, scale, dtype),
-        in_shardings=(pl.base, pl.lora),
-        out_shardings=pl.decode,
-    )
-
-
-def _generate(
-    params, tokens, mask, key, cfg, n, max_new_tokens, stop_ids, pad_id, sp, lcfg=None, lora=None
-):
-    return generate(
-        cfg,
-        params,
-        tokens,
-        mask,
-        key,
-        n=n,
-        max_new_tokens=max_new_tokens,
-        stop_ids=stop_ids,
-        pad_id=pad_id,
-        sp=sp,
-        lora=lora,
-        lcfg=lcfg,
-    )
-
-
-def make_generate(pl: Placement):
-    """`sampler.generate` with host prompts in and a host `Rollout` out (same signature). The
-    params are the merged weights (`pl.decode`), or with `lora` the base as stored (`pl.base`)
-    and the unmerged adapter (rollout.merge=never, `sampling/rollout_weights.py`)."""
-    batch, repl = pl.batch, pl.replicated
-    static = dict(static_argnums=tuple(range(4, 11)), out_shardings=repl)
-    merged = jax.jit(_generate, in_shardings=(pl.decode, batch, batch, repl), **static)
-    unmerged = jax.jit(_generate, in_shardings=(pl.base, batch, batch, repl, pl.lora), **static)
-
-    def sharded_generate(
-        cfg, params, tokens_BxP, mask_BxP, key, *, n, max_new_tokens, lora=None, lcfg=None, **kw
-    ):
-        tokens, mask = pl.put((tokens_BxP, mask_BxP))
-        st = (cfg, n, max_new_tokens, kw["stop_ids"], kw["pad_id"], kw["sp"], lcfg)
-        if lora is None:
-            return to_host(merged(params, tokens, mask, key, *st))
-        return to_host(unmerged(params, tokens, mask, key, *st, lora))
-
-    return sharded_generate
-
-
-def make_logprobs(pl: Placement, model_cfg, lcfg, *, n: int, temperature: float, chunk: int):
-    """`logprobs(base, lora, host_batch) → host (logp_RxN, entropy_RxN)`; `lora=None`: π_ref."""
-
-    def run(base, lora, batch):
-        lc = None if lora is None else lcfg
-        kw = dict(n=n, temperature=temperature, chunk=chunk)
-        return compute_logprobs(model_cfg, lc, base, lora, batch, **kw)
-
-    out = pl.replicated
-    policy = jax.jit(run, in_shardings=(pl.base, pl.lora, pl.batch), out_shardings=out)
-    ref = jax.jit(
-        lambda base, batch: run(base, None, batch),
-        in_shardings=(pl.base, pl.batch),
-        out_shardings=out,
-    )
-
-    def logprobs(base, lora, batch_host):
-        batch = pl.put(batch_host)
-        return to_host(ref(base, batch) if lora is None else policy(base, lora, batch))
-
-    return logprobs

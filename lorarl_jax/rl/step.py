@@ -33,7 +33,7 @@ from lorarl_jax.config import AlgoCfg, OptimCfg
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.lora import LoraConfig
 from lorarl_jax.rl import losses, rollout_corr
-from lorarl_jax.rl.logprobs import shared_prompt_logprobs
+from lorarl_jax.rl.logprobs import batch_logprobs, shared_prompt_logprobs
 
 
 def lr_schedule(cfg: OptimCfg, total_steps: int):
@@ -241,19 +241,6 @@ def make_policy_step(
     return step
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "n", "temperature", "chunk"))
-def compute_logprobs(cfg, lcfg, base, lora, batch, *, n, temperature, chunk):
-    """Jitted no-grad log-probs + entropy (old policy with `lora`, reference with `lora=None`)."""
-    return shared_prompt_logprobs(
-        cfg,
-        lcfg,
-        base,
-        lora,
-        batch["prompt_tokens"],
-        batch["prompt_mask"],
-        batch["responses"],
-        batch["response_mask"],
-        n,
-        temperature,
-        chunk,
-    )
+compute_logprobs = jax.jit(  # single device; the run's sharded program: rl/programs.py
+    batch_logprobs, static_argnames=("cfg", "lcfg", "n", "temperature", "chunk")
+)

@@ -1,25 +1,26 @@
 """The RL loop: data → merge → rollout → reward → advantages → log-probs → updates → ckpt/export.
 
-Everything the loop needs is built once in `build` (model, tokenizer, data, optimizer, jitted step,
-checkpointer, logger) into a `Run`; `train` then runs the steps. Randomness is explicit: the run
-key is split into rollout / update / dropout keys, each folded with the step number, so a resumed
-run repeats exactly what an uninterrupted one would have done.
+`build` (rl/setup.py) makes a `Run` once: static facts, the jitted programs, the initial
+`TrainState` and the resources; `train` then runs the steps. Each stage below is one function
+that takes the state it reads and returns the state it changes, so the loop reads as the
+diagram. Randomness is explicit: the root key is split into rollout / update keys, each folded
+with the step number (`TrainState.rollout_key` / `update_key`), so a resumed run repeats exactly
+what an uninterrupted one would have done.
 
 Per step (verl's order):
-  merged = merge(base, lora)                      once, fp32 math, for the sampler only
-                                                  (rollout.merge=never: base + adapter as is)
-  rollout = generate(merged, prompts, n)          tokens, response mask, sampler log-probs
-  scores = rewards(completions)                   per sequence, on the last response token
-  old_logp = π_θ(tokens), ref_logp = π_ref(tokens)   π_ref = base without adapter (zero delta)
-  token_rewards = scores − β·KL  (optional)       fixed or adaptive β
-  advantages = estimator(token_rewards)           grpo | drgrpo | rloo | reinforce++ | gae
-  ppo_epochs × mini-batches of the jitted step    gradients w.r.t. the adapter only
-  sync gate                                       sampler vs trainer log-prob gap
-                                                  (rollout.max_logp_gap: warn | error | off)
-  run guards (rl/guards.py)                       stop, before the checkpoint, on rewards
-                                                  that score nothing, all-skipped updates or
-                                                  a runaway adapter
-  checkpoint                                      never a non-finite adapter
+  sample     merged = merge(base, lora)              once, fp32 math, for the sampler only
+                                                     (rollout.merge=never: base + adapter as is)
+             rollout = generate(merged, prompts, n)  tokens, response mask, sampler log-probs
+  score      scores = rewards(completions)           per sequence, on the last response token
+  logprobs   old_logp = π_θ(tokens) (off-policy only), ref_logp = π_ref(tokens): the base with a
+             zero adapter delta (or the initial adapter)
+  advantages token_rewards = scores − β·KL (optional, β in TrainState.kl_coef, fixed/adaptive),
+             then grpo | drgrpo | rloo | reinforce++ | gae (critic values)
+  update     ppo_epochs × mini-batches of the jitted step: gradients w.r.t. the adapter only
+  checks     sync gate (rollout.max_logp_gap: sampler vs trainer log-prob gap) and run guards
+             (rl/guards.py: rewards that score nothing, all-skipped updates, a runaway adapter),
+             both before the step's checkpoint
+  checkpoint the whole TrainState + data position; never a non-finite adapter
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from lorarl_jax.rl.guards import (  # noqa: F401  (LogpGapError: trainer's API)
     adapter_absmax,
 )
 from lorarl_jax.rl.setup import Run, build, export_final, save_checkpoint
+from lorarl_jax.rl.state import REWARD_COLUMNS, TrainState
 
 
 def _masked_mean(x, mask):
@@ -59,126 +61,141 @@ def _masked_mean(x, mask):
     return float((np.asarray(x) * mask).sum() / max(mask.sum(), 1.0))
 
 
-def rollout_step(run: Run, batch, step: int):
-    """Generation + scoring + reference/old log-probs + advantages → (train batch, metrics)."""
-    cfg, rc = run.cfg, run.cfg.rollout
+def sample(run: Run, state: TrainState, batch, step: int):
+    """Merge once, then `n` samples per prompt → (host Rollout, their texts, timings)."""
     t0 = time.perf_counter()
-    w = run.merge(run.base, run.lora)  # merged, or base + adapter unmerged (rollout.merge)
+    w = run.programs.merge(run.base, state.lora)  # merged, or base + adapter (rollout.merge)
     jax.block_until_ready(w.params)
     t_merge = time.perf_counter() - t0
-    key = jax.random.fold_in(run.keys["rollout"], step)
-    n = rc.num_generations
-    out = run.generate(  # host prompts in, host (replicated) rollout out
-        w.cfg,
-        w.params,
-        batch["input_ids"],
-        batch["attention_mask"],
-        key,
-        n=n,
-        max_new_tokens=rc.max_new_tokens,
-        stop_ids=run.stop_ids,
-        pad_id=run.pad_id,
-        sp=run.sampling,
-        lora=w.lora,
-        lcfg=w.lcfg,
+    out = run.programs.generate(  # host prompts in, host (replicated) rollout out
+        w, batch["input_ids"], batch["attention_mask"], state.rollout_key(step), run.static.rollout
     )
     del w
     t_rollout = time.perf_counter() - t0 - t_merge
+    texts = decode_responses(run.static.tokenizer, out.tokens, out.lengths)
+    return out, texts, {"time/merge": t_merge, "time/rollout": t_rollout}
 
-    texts = decode_responses(run.tokenizer, out.tokens, out.lengths)
+
+def score(run: Run, batch, texts):
+    """Rewards of every completion (`data.reward_fns`) → (scores_R, reward metrics)."""
+    n = run.static.rollout.n
     prompts = [p for p in batch["raw_prompt"] for _ in range(n)]
-    columns = {k: [v for v in batch[k] for _ in range(n)] for k in run.reward_columns}
+    columns = {k: [v for v in batch[k] for _ in range(n)] for k in REWARD_COLUMNS}
     t1 = time.perf_counter()
     scores, rmetrics = run.reward(prompts, texts, columns)
     scores = distributed.same_on_all_processes(scores)  # e.g. a timeout on one host only
-    t_reward = time.perf_counter() - t1
+    return scores, {**rmetrics, "time/reward": time.perf_counter() - t1}
 
-    Nk = trim_length(out.mask, rc.response_bucket)
-    resp, rmask, slogp = out.tokens[:, :Nk], out.mask[:, :Nk], out.logp[:, :Nk]
+
+def train_sequences(batch, out, bucket: int):
+    """The prompt/response arrays the trainer reads, responses trimmed to a bucket multiple,
+    and the sampler's log-probs of the same tokens."""
+    Nk = trim_length(out.mask, bucket)
     seqs = {
         "prompt_tokens": np.asarray(batch["input_ids"], np.int32),
         "prompt_mask": np.asarray(batch["attention_mask"], np.int32),
-        "responses": np.asarray(resp, np.int32),
-        "response_mask": np.asarray(rmask, np.int32),
+        "responses": np.asarray(out.tokens[:, :Nk], np.int32),
+        "response_mask": np.asarray(out.mask[:, :Nk], np.int32),
     }
-    t2 = time.perf_counter()
-    lp = lambda lora: run.logprobs(run.base, lora, seqs)  # noqa: E731
-    # π_old needs its own forward only when the update is off-policy (several epochs or
-    # mini-batches); on-policy the step uses its own detached log-probs.
-    old_logp = entropy = None
-    if run.off_policy or cfg.algo.use_kl_in_reward:
-        old_logp, entropy = lp(run.lora)
-    ref_logp = None
-    if cfg.algo.use_kl_loss or cfg.algo.use_kl_in_reward:  # π_ref: zero delta or initial adapter
-        ref_logp = lp(run.ref_lora)[0]
-    t_logp = time.perf_counter() - t2
+    return seqs, out.logp[:, :Nk]
 
-    token_scores = outcome_token_scores(scores, rmask)
-    metrics = {}
-    if cfg.algo.use_kl_in_reward:
+
+def reference_logprobs(run: Run, state: TrainState, seqs):
+    """(old_logp, entropy, ref_logp), each None when the step does not need it: π_old needs its
+    own forward only off-policy (several epochs or mini-batches; on-policy the step uses its own
+    detached log-probs) or for KL in the reward; π_ref for any KL."""
+    a = run.static.cfg.algo
+    old_logp = entropy = ref_logp = None
+    if run.static.sizes.off_policy or a.use_kl_in_reward:
+        old_logp, entropy = run.programs.logprobs(run.base, state.lora, seqs)
+    if a.use_kl_loss or a.use_kl_in_reward:  # π_ref: zero delta or the initial adapter
+        if run.ref_lora is None:
+            ref_logp = run.programs.ref_logprobs(run.base, seqs)
+        else:
+            ref_logp = run.programs.logprobs(run.base, run.ref_lora, seqs)[0]
+    return old_logp, entropy, ref_logp
+
+
+def advantages(run: Run, state: TrainState, batch, seqs, scores, old_logp, ref_logp):
+    """(state, advantages, returns, critic inputs, metrics); KL in the reward moves kl_coef."""
+    a, n = run.static.cfg.algo, run.static.rollout.n
+    rmask = seqs["response_mask"]
+    token_rewards, metrics = outcome_token_scores(scores, rmask), {}
+    if a.use_kl_in_reward:
         token_rewards, kl_now = losses.apply_kl_penalty(
-            jnp.asarray(token_scores),
+            jnp.asarray(token_rewards),
             jnp.asarray(old_logp),
             jnp.asarray(ref_logp),
             jnp.asarray(rmask),
-            run.kl_ctl.value,
-            cfg.algo.kl_penalty,
+            state.kl_coef,
+            a.kl_penalty,
         )
-        metrics["actor/reward_kl_coef"] = run.kl_ctl.value
-        run.kl_ctl.update(float(kl_now), len(scores))
-    else:
-        token_rewards = token_scores
-    values = None
-    if cfg.algo.adv_estimator == "gae":  # the critic reads the concatenated sequences
+        metrics["actor/reward_kl_coef"] = state.kl_coef
+        state = state.replace(
+            kl_coef=run.kl_ctl.next_value(state.kl_coef, float(kl_now), len(scores))
+        )
+    critic = {}
+    if a.adv_estimator == "gae":  # the critic reads the concatenated sequences
+        resp, Nk = seqs["responses"], rmask.shape[1]
         tokens, attn = build_sequences(batch["input_ids"], batch["attention_mask"], resp, rmask, n)
-        values = run.critic.values(tokens, attn, Nk)
+        values = run.programs.critic_values(state.critic_params, tokens, attn, Nk)
+        critic = {"values": np.asarray(values), "tokens": tokens, "attention_mask": attn}
     advs, returns = adv_lib.compute_advantages(
-        cfg.algo.adv_estimator,
+        a.adv_estimator,
         jnp.asarray(token_rewards),
         jnp.asarray(rmask),
         groups=n,
-        values_BxT=None if values is None else jnp.asarray(values),
-        gamma=cfg.algo.gamma,
-        lam=cfg.algo.lam,
-        norm_adv_by_std_in_grpo=cfg.algo.norm_adv_by_std_in_grpo,
+        values_BxT=None if not critic else jnp.asarray(critic["values"]),
+        gamma=a.gamma,
+        lam=a.lam,
+        norm_adv_by_std_in_grpo=a.norm_adv_by_std_in_grpo,
     )
-    lengths = np.asarray(rmask).sum(-1)
+    return state, np.asarray(advs), np.asarray(returns), critic, metrics
+
+
+def rollout_step(run: Run, state: TrainState, batch, step: int):
+    """sample → score → log-probs → advantages: (state, train batch, metrics)."""
+    static, a = run.static, run.static.cfg.algo
+    out, texts, times = sample(run, state, batch, step)
+    scores, rmetrics = score(run, batch, texts)
+    seqs, slogp = train_sequences(batch, out, static.cfg.rollout.response_bucket)
+    rmask = seqs["response_mask"]
+    t2 = time.perf_counter()
+    old_logp, entropy, ref_logp = reference_logprobs(run, state, seqs)
+    t_logp = time.perf_counter() - t2
+    state, advs, returns, critic, metrics = advantages(
+        run, state, batch, seqs, scores, old_logp, ref_logp
+    )
     if old_logp is not None:
         metrics["actor/entropy_old"] = _masked_mean(entropy, rmask)
-    if run.off_policy:  # sampler vs trainer on the rollout's weights, before any update;
-        # on-policy the policy step measures it on its own forward (one value, one key)
+    if static.sizes.off_policy:  # sampler vs trainer on the rollout's weights, before any
+        # update; on-policy the policy step measures it on its own forward (one value, one key)
         gap = np.abs(np.asarray(slogp) - np.asarray(old_logp)) * rmask
         metrics["rollout/logp_gap_mean"] = float(gap.sum() / max(rmask.sum(), 1))
         metrics["rollout/logp_gap_max"] = float(gap.max())
     if ref_logp is not None:  # KL(π_old ‖ π_ref), k1 estimate, sampled tokens
         ref_from = old_logp if old_logp is not None else slogp
         metrics["actor/kl"] = _masked_mean(np.asarray(ref_from) - np.asarray(ref_logp), rmask)
+    lengths = np.asarray(rmask).sum(-1)
     metrics.update(
         {
-            **rmetrics,
+            **{k: v for k, v in rmetrics.items() if k != "time/reward"},
             "response/length_mean": float(lengths.mean()),
             "response/length_max": float(lengths.max()),
-            "response/clipped_frac": float((lengths >= rc.max_new_tokens).mean()),
-            "time/merge": t_merge,
-            "time/rollout": t_rollout,
-            "time/reward": t_reward,
+            "response/clipped_frac": float((lengths >= static.rollout.max_new_tokens).mean()),
+            **times,
+            "time/reward": rmetrics["time/reward"],
             "time/logprobs": t_logp,
-            "perf/rollout_tokens_per_s": float(lengths.sum() / max(t_rollout, 1e-9)),
+            "perf/rollout_tokens_per_s": float(lengths.sum() / max(times["time/rollout"], 1e-9)),
         }
     )
-    train_batch = {
-        **seqs,
-        "sampler_logp": np.asarray(slogp),
-        "advantages": np.asarray(advs),
-        "returns": np.asarray(returns),
-    }
-    if run.off_policy:
-        train_batch["old_logp"] = np.asarray(old_logp)
-    if cfg.algo.use_kl_loss:
-        train_batch["ref_logp"] = np.asarray(ref_logp)
-    if values is not None:
-        train_batch.update(values=np.asarray(values), tokens=tokens, attention_mask=attn)
-    return train_batch, metrics
+    tb = {**seqs, "sampler_logp": np.asarray(slogp), "advantages": advs, "returns": returns}
+    if static.sizes.off_policy:
+        tb["old_logp"] = np.asarray(old_logp)
+    if a.use_kl_loss:
+        tb["ref_logp"] = np.asarray(ref_logp)
+    tb.update(critic)
+    return state, tb, metrics
 
 
 def aggregate_updates(acc: dict[str, list[float]]) -> dict[str, float]:
@@ -189,58 +206,62 @@ def aggregate_updates(acc: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
-def update_step(run: Run, tb, step: int):
+def update(run: Run, state: TrainState, tb, step: int):
     """ppo_epochs × mini-batches of the jitted policy step (and critic step for PPO)."""
-    algo, n = run.cfg.algo, run.cfg.rollout.num_generations
-    prompts = tb["prompt_tokens"].shape[0]
-    per_mb = algo.ppo_mini_batch_size or run.cfg.data.batch_size  # prompts per update
-    rng = np.random.default_rng([run.cfg.trainer.seed, step])
+    a, n, sizes = run.static.cfg.algo, run.static.rollout.n, run.static.sizes
+    prompts, per_mb = tb["prompt_tokens"].shape[0], sizes.prompts_per_update
+    rng = np.random.default_rng([run.static.cfg.trainer.seed, step])
     acc: dict[str, list[float]] = {}
+    lora, opt, c_params, c_opt = (
+        state.lora,
+        state.opt_state,
+        state.critic_params,
+        state.critic_opt_state,
+    )
     t0 = time.perf_counter()
-    for epoch in range(algo.ppo_epochs):  # mini-batches of whole groups (prompt + its n rows)
+    for epoch in range(a.ppo_epochs):  # mini-batches of whole groups (prompt + its n rows)
         for i, pidx in enumerate(minibatch_indices(prompts, per_mb, rng, shuffle=prompts > per_mb)):
             ridx = (pidx[:, None] * n + np.arange(n)[None, :]).reshape(-1)
             mb = run.place.put(
                 {k: v[pidx] if k.startswith("prompt_") else v[ridx] for k, v in tb.items()}
             )
-            key = jax.random.fold_in(jax.random.fold_in(run.keys["update"], step), epoch * 997 + i)
-            run.lora, run.opt_state, m = run.policy_step(run.lora, run.opt_state, run.base, mb, key)
-            if run.critic is not None:
-                m = {**m, **run.critic.update(mb)}
+            key = state.update_key(step, epoch, i)
+            lora, opt, m = run.programs.policy_step(lora, opt, run.base, mb, key)
+            if run.programs.critic_update is not None:
+                c_params, c_opt, cm = run.programs.critic_update(c_params, c_opt, mb)
+                m = {**m, **cm}
             for k, v in jax.device_get(m).items():
                 acc.setdefault(k, []).append(float(v))
+    state = state.replace(lora=lora, opt_state=opt, critic_params=c_params, critic_opt_state=c_opt)
     out = aggregate_updates(acc)
-    out["actor/lr"] = float(run.lr_schedule(run.opt_steps()))
+    # the schedule's value at the first update of this step (updates done before it)
+    out["actor/lr"] = float(run.programs.lr((step - 1) * sizes.updates_per_step))
     out["time/update"] = time.perf_counter() - t0
-    return out
+    return state, out
 
 
-def run_eval(run: Run, step: int) -> dict[str, float]:
+def run_eval(run: Run, state: TrainState, step: int) -> dict[str, float]:
+    """Greedy held-out evaluation on the current adapter; writes val_samples_step{step}.jsonl."""
     if not run.val_examples:
         return {}
-    rc = run.cfg.rollout
+    static, programs = run.static, run.programs
     t0 = time.perf_counter()
-    w = run.merge(run.base, run.lora)
+    w = programs.merge(run.base, state.lora)
+    spec = static.evaluation  # greedy, one sample per prompt
     metrics, records = evaluate(
-        w.cfg,
-        w.params,
+        lambda tokens, mask, key: programs.generate(w, tokens, mask, key, spec),
         run.val_examples,
-        run.tokenizer,
-        run.val_reward,
-        batch_size=run.cfg.data.val_batch_size,
-        max_prompt_length=rc.max_prompt_length,
-        max_new_tokens=rc.max_new_tokens,
-        stop_ids=run.stop_ids,
-        pad_id=run.pad_id,
-        pad_multiple=run.cfg.data.pad_multiple,
-        generate_fn=run.generate,
-        lora=w.lora,
-        lcfg=w.lcfg,
+        static.tokenizer,
+        run.reward,
+        batch_size=static.cfg.data.val_batch_size,
+        max_prompt_length=static.cfg.rollout.max_prompt_length,
+        pad_id=spec.pad_id,
+        pad_multiple=static.cfg.data.pad_multiple,
     )
     metrics["time/eval"] = time.perf_counter() - t0
     if not distributed.is_primary():
         return metrics
-    path = os.path.join(run.cfg.trainer.output_dir, f"val_samples_step{step}.jsonl")
+    path = os.path.join(static.cfg.trainer.output_dir, f"val_samples_step{step}.jsonl")
     with open(path, "w") as f:
         for r in records[:50]:
             f.write(json.dumps(r) + "\n")
@@ -282,38 +303,39 @@ def close_after_error(ckpt) -> None:
 
 
 def _loop(run: Run) -> dict:
-    cfg = run.cfg
+    cfg = run.static.cfg
     tc = cfg.trainer
     gate = LogpGapGate(cfg.rollout.max_logp_gap, cfg.rollout.logp_gap_action)
-    guards = RunGuards.from_config(cfg, run.updates_per_step)
-    summary: dict = {"start_step": run.step}
-    if tc.eval_before and run.step == 0:
-        m = run_eval(run, 0)
+    guards = RunGuards.from_config(cfg, run.static.sizes.updates_per_step)
+    summary: dict = {"start_step": run.state.step}
+    if tc.eval_before and run.state.step == 0:
+        m = run_eval(run, run.state, 0)
         if m:
             run.logger.log(0, m)
             summary["val_before"] = m
-    while run.step < tc.steps:
-        step = run.step + 1
+    while run.state.step < tc.steps:
+        state, step = run.state, run.state.step + 1
         t0 = time.perf_counter()
         batch = next(run.data_iter)
-        tb, metrics = rollout_step(run, batch, step)
-        metrics.update(update_step(run, tb, step))
-        metrics["actor/adapter_absmax"] = adapter_absmax(run.lora)
+        state, tb, metrics = rollout_step(run, state, batch, step)
+        state, um = update(run, state, tb, step)
+        metrics.update(um)
+        metrics["actor/adapter_absmax"] = adapter_absmax(state.lora)
         gate.check(step, metrics)
         guards.check(step, metrics, samples=len(tb["responses"]))  # before the checkpoint
         n_tok = float(np.asarray(tb["response_mask"]).sum())
         metrics["time/step"] = time.perf_counter() - t0
         metrics["perf/tokens_per_s"] = n_tok / metrics["time/step"]
         metrics["data/overlong_filtered"] = float(run.num_overlong)
-        run.step = step
+        run.state = state = state.replace(step=step)
         if tc.eval_interval and step % tc.eval_interval == 0 and step < tc.steps:
-            metrics.update(run_eval(run, step))
+            metrics.update(run_eval(run, state, step))
         if step % tc.log_interval == 0 or step == tc.steps:
             run.logger.log(step, metrics)
         save_checkpoint(run, force=step == tc.steps)
-    final = run_eval(run, run.step)
+    final = run_eval(run, run.state, run.state.step)
     if final:
-        run.logger.log(run.step, final)
+        run.logger.log(run.state.step, final)
         summary["val_after"] = final
     summary.update(export_final(run))
-    return dataclasses.asdict(cfg.trainer) | summary
+    return dataclasses.asdict(tc) | summary

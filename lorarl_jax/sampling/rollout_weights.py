@@ -126,6 +126,10 @@ def make_rollout_weights(cfg: ModelConfig, lcfg: LoraConfig, merge_fn=None):
     return lambda base, lora: DecodeWeights(cfg.dense, merge_fn(base, lora))
 
 
-def jit_merge(cfg: ModelConfig, lcfg: LoraConfig):
-    """A plain jitted merge (single device): NF4 layers dequantized to the compute dtype."""
-    return jax.jit(lambda b, lo: lora_lib.merge(b, lo, lcfg.scale, cfg.compute_dtype))
+def jit_merge(cfg: ModelConfig, lcfg: LoraConfig, in_shardings=None, out_shardings=None):
+    """The jitted merge W' = dequant(W) + s·A·B (NF4 layers dequantized to the compute dtype);
+    with shardings (`rl/programs.py`: base and adapter in, decode layout out), else one device."""
+    kw = {}
+    if in_shardings is not None:
+        kw = dict(in_shardings=in_shardings, out_shardings=out_shardings)
+    return jax.jit(lambda b, lo: lora_lib.merge(b, lo, lcfg.scale, cfg.compute_dtype), **kw)

@@ -10,11 +10,13 @@ Design
   the next write slot, the next RoPE position, the last token and a done flag. `prefill` builds one
   from a left-padded prompt batch; `insert` copies prefilled rows into slots of a larger state (what
   a JetStream engine needs for continuous batching); `decode_step` advances every slot by one token.
-- `generate` = prefill once per prompt, repeat each row `n` times (no re-prefill per sample), then
+- `sample` (a `GenerateSpec`: n, max_new_tokens, stop ids, pad id, sampling params) = prefill
+  once per prompt, repeat each row `n` times (no re-prefill per sample), then
   `lax.while_loop`s of decode steps that stop at `max_new_tokens` or when every row has emitted a
   stop id; the cache grows between loops (`cache_segments`), so attention reads only slots that
   can be filled so far. Sample `i·n + j` is generation j of prompt i (contiguous groups, as GRPO
-  expects).
+  expects). `generate` is `sample` jitted for one device; the trainer's sharded program is built
+  in `rl/programs.py`.
 - CPU decode costs (SmolLM2-135M, 32 rows, fp32) set these choices: every row of `generate` writes
   the same cache slot, so the cache and mask take one in-place `dynamic_update_slice` per step (no
   scatter); the cache layout is the one the attention dots read (no per-step cache transpose); the
@@ -262,28 +264,35 @@ def _is_stop(tok_B, stop_ids):
     return jnp.isin(tok_B, jnp.asarray(stop_ids, jnp.int32))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "n", "max_new_tokens", "stop_ids", "pad_id", "sp", "lcfg")
-)
-def generate(
+@dataclasses.dataclass(frozen=True)
+class GenerateSpec:
+    """Everything static about one kind of generation (hashable: a jit static argument). A run
+    builds one for its rollouts and one for evaluation (greedy, n = 1); the trainer's log-prob
+    programs read τ from the rollout spec, so sampler and trainer cannot disagree on it."""
+
+    n: int  # samples per prompt
+    max_new_tokens: int
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    sampling: SamplingParams
+
+
+def sample(
     cfg: ModelConfig,
     params,
     tokens_BxP,
     mask_BxP,
     key,
-    *,
-    n: int,
-    max_new_tokens: int,
-    stop_ids: tuple[int, ...],
-    pad_id: int,
-    sp: SamplingParams,
+    spec: GenerateSpec,
     lora=None,
     lcfg: LoraConfig | None = None,
 ) -> Rollout:
-    """Samples `n` continuations per prompt with a KV cache; see the module docstring. With
-    `lora` (and its `lcfg`), decodes base + adapter unmerged."""
+    """Samples `spec.n` continuations per prompt with a KV cache; see the module docstring.
+    With `lora` (and its `lcfg`), decodes base + adapter unmerged. Not jitted: `generate` is the
+    single-device program, `rl/programs.py` builds the sharded one."""
+    n, stop_ids, pad_id, sp = spec.n, spec.stop_ids, spec.pad_id, spec.sampling
     B, P = tokens_BxP.shape
-    N = max_new_tokens
+    N = spec.max_new_tokens
     ends = cache_segments(N)
     last_logits, state = prefill(cfg, params, tokens_BxP, mask_BxP, P + ends[0], lora, lcfg)
     state = repeat_rows(state, n)
@@ -315,6 +324,29 @@ def generate(
     out_tok, out_lp = carry[2], carry[3]
     mask = response_mask(out_tok, stop_ids)
     return Rollout(out_tok, mask, out_lp * mask, mask.sum(-1))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "n", "max_new_tokens", "stop_ids", "pad_id", "sp", "lcfg")
+)
+def generate(
+    cfg: ModelConfig,
+    params,
+    tokens_BxP,
+    mask_BxP,
+    key,
+    *,
+    n: int,
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    sp: SamplingParams,
+    lora=None,
+    lcfg: LoraConfig | None = None,
+) -> Rollout:
+    """`sample` jitted for one device, with the spec's fields as keywords."""
+    spec = GenerateSpec(n, max_new_tokens, tuple(stop_ids), pad_id, sp)
+    return sample(cfg, params, tokens_BxP, mask_BxP, key, spec, lora, lcfg)
 
 
 def response_mask(tokens_BxN, stop_ids):
