@@ -88,6 +88,11 @@ class AlgoCfg:
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
     clip_ratio_c: float = 3.0
+    policy_loss: str = "vanilla"  # vanilla (dual-clip PPO) | gspo | gspo_token | cispo
+    gspo_clip_ratio_low: float = 3e-4  # GSPO clips the sequence ratio in [1 - low, 1 + high]
+    gspo_clip_ratio_high: float = 4e-4
+    cispo_clip_ratio_low: float = 1.0  # CISPO's IS-weight bounds; low = 1: no lower bound
+    cispo_clip_ratio_high: float = 5.0
     loss_agg_mode: str = "token-mean"
     loss_scale_factor: float = 0.0  # seq-mean-token-sum-norm's constant C; 0: max_new_tokens
     rollout_is: str = "none"  # none | token | sequence: π_old / π_sampler weights (rollout_corr)
@@ -209,6 +214,7 @@ _CHOICES = {
     ("rollout", "merge"): ("auto", "always", "never"),
     ("rollout", "logp_gap_action"): ("warn", "error", "off"),
     ("algo", "rollout_is"): ("none", "token", "sequence"),
+    ("algo", "policy_loss"): ("vanilla", "gspo", "gspo_token", "cispo"),
     ("algo", "rollout_is_mode"): ("truncate", "mask"),
     ("algo", "adv_estimator"): ("grpo", "drgrpo", "rloo", "reinforce_plus_plus", "gae"),
     ("algo", "loss_agg_mode"): (
@@ -244,6 +250,10 @@ RANGES = {
     ("algo", "clip_ratio_low"): "[0, 1)",
     ("algo", "clip_ratio_high"): "[0, inf)",
     ("algo", "clip_ratio_c"): "(1, inf)",
+    ("algo", "gspo_clip_ratio_low"): "[0, 1)",
+    ("algo", "gspo_clip_ratio_high"): "[0, inf)",
+    ("algo", "cispo_clip_ratio_low"): "[0, 1]",
+    ("algo", "cispo_clip_ratio_high"): "[0, inf)",
     ("algo", "loss_scale_factor"): "[0, inf)",
     ("algo", "rollout_is_threshold"): "[1, inf)",
     ("algo", "kl_loss_coef"): "[0, inf)",

@@ -275,3 +275,110 @@ def test_jit_value_entropy_kl_loss():
         k(LP2[None], REF2[None], jnp.ones((1, 2))),
         jax.jit(k)(LP2[None], REF2[None], jnp.ones((1, 2))),
     )
+
+
+# ------------------------------------------------------------------------------------------
+# GSPO / CISPO
+# ------------------------------------------------------------------------------------------
+
+
+def test_gspo_golden():
+    """Two sequences, eps 0.05 each side, seq-mean-token-mean.
+    seq 0: d = [0.3, -0.1, 0.1] → mean 0.1 → s = e^0.1 = 1.10517 → clipped to 1.05; A = +1:
+           max(-1.10517, -1.05) = -1.05 per token → -1.05
+    seq 1: d = [-0.2, 0.0, (masked)] → mean -0.1 → s = 0.904837 → clipped to 0.95; A = -1:
+           max(0.904837, 0.95) = 0.95 → 0.95
+    loss = (-1.05 + 0.95) / 2 = -0.05; every token's sequence ratio was clipped: clipfrac 1,
+    the lower part (seq 1: 2 of 5 tokens) 0.4."""
+    old = jnp.zeros((2, 3))
+    logp = jnp.array([[0.3, -0.1, 0.1], [-0.2, 0.0, 9.0]])
+    adv = jnp.array([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
+    mask = jnp.array([[1, 1, 1], [1, 1, 0]])
+    for token_level in (False, True):
+        loss, m = losses.gspo_policy_loss(
+            logp, old, adv, mask, clip_ratio_low=0.05, clip_ratio_high=0.05,
+            token_level=token_level, loss_agg_mode="seq-mean-token-mean",
+        )  # fmt: skip
+        _close(loss, -0.05)
+        _close(m["pg_clipfrac"], 1.0)
+        _close(m["pg_clipfrac_lower"], 0.4)
+        _close(m["seq_ratio_mean"], (3 * math.exp(0.1) + 2 * math.exp(-0.1)) / 5)
+    # unclipped (wide eps): the loss is -A·s averaged per sequence
+    loss, m = losses.gspo_policy_loss(
+        logp, old, adv, mask, clip_ratio_low=0.5, clip_ratio_high=0.5,
+        loss_agg_mode="seq-mean-token-mean",
+    )  # fmt: skip
+    _close(loss, (-math.exp(0.1) + math.exp(-0.1)) / 2)
+    _close(m["pg_clipfrac"], 0.0)
+
+
+def test_cispo_golden():
+    """d = [0.3, -0.1], logp = [-1, -2], A = 1, bounds [0, 1.2]: ŵ = [min(e^0.3, 1.2), e^-0.1]
+    = [1.2, 0.904837]; L = -ŵ·A·logp = [1.2, 1.809674]; token-mean 1.504837; one of two
+    tokens above the upper bound."""
+    logp = jnp.array([[-1.0, -2.0]])
+    old = logp - jnp.array([[0.3, -0.1]])
+    adv = jnp.ones((1, 2))
+    mask = jnp.ones((1, 2))
+    loss, m = losses.cispo_policy_loss(
+        logp, old, adv, mask, clip_ratio_low=1.0, clip_ratio_high=0.2
+    )
+    _close(loss, (1.2 + 2 * math.exp(-0.1)) / 2)
+    _close(m["pg_clipfrac"], 0.5)
+    _close(m["pg_clipfrac_lower"], 0.0)
+    # the clipped token keeps its gradient (PPO's would be 0 there): d loss / d logp = -ŵ·A / 2
+    g = jax.grad(lambda lp: losses.cispo_policy_loss(lp, old, adv, mask, clip_ratio_high=0.2)[0])(
+        logp
+    )
+    np.testing.assert_allclose(g, [[-0.6, -math.exp(-0.1) / 2]], rtol=1e-5)
+    g_ppo = jax.grad(
+        lambda lp: losses.policy_loss(lp, old, adv, mask, clip_ratio_low=1.0, clip_ratio_high=0.2)[
+            0
+        ]
+    )(logp)
+    assert float(g_ppo[0, 0]) == 0.0  # PPO drops the clipped token
+
+
+@pytest.mark.parametrize("mode", losses.AGG_MODES)
+def test_new_losses_equal_vanilla_gradient_at_ratio_one(mode):
+    """On-policy (old = sg[logp], ratio 1) with one advantage per sequence, GSPO, GSPO-token
+    and CISPO have the vanilla gradient: -A ∇logp per token, aggregated alike."""
+    rng = np.random.default_rng(0)
+    logp = jnp.asarray(-rng.uniform(0.1, 3.0, (4, 5)), jnp.float32)
+    adv = jnp.asarray(np.repeat(rng.normal(size=(4, 1)), 5, 1), jnp.float32)
+    mask = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    kw = dict(loss_agg_mode=mode, loss_scale_factor=5.0)
+
+    def grad(fn, **extra):
+        return jax.grad(lambda lp: fn(lp, jax.lax.stop_gradient(lp), adv, mask, **kw, **extra)[0])(
+            logp
+        )
+
+    want = grad(losses.policy_loss)
+    for fn, extra in (
+        (losses.gspo_policy_loss, {"token_level": False}),
+        (losses.gspo_policy_loss, {"token_level": True}),
+        (losses.cispo_policy_loss, {}),
+    ):
+        np.testing.assert_allclose(grad(fn, **extra) * mask, want * mask, rtol=1e-5, atol=1e-7)
+
+
+def test_gspo_sequence_and_token_gradients_agree_off_policy():
+    """Off-policy, one advantage per sequence, seq-mean-token-mean, nothing clipped: GSPO's
+    gradient s_b·mean_t ∇logp equals GSPO-token's s_b·∇logp_t / |y_b| (the paper's identity)."""
+    rng = np.random.default_rng(1)
+    logp = jnp.asarray(-rng.uniform(0.1, 3.0, (3, 4)), jnp.float32)
+    old = logp + jnp.asarray(rng.normal(0, 0.05, (3, 4)), jnp.float32)
+    adv = jnp.asarray(np.repeat(rng.normal(size=(3, 1)), 4, 1), jnp.float32)
+    mask = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+
+    def grad(token_level):
+        def f(lp):
+            return losses.gspo_policy_loss(
+                lp, old, adv, mask, clip_ratio_low=0.9, clip_ratio_high=9.0,
+                token_level=token_level, loss_agg_mode="seq-mean-token-mean",
+            )[0]  # fmt: skip
+
+        return jax.grad(f)(logp)
+
+    np.testing.assert_allclose(grad(False) * mask, grad(True) * mask, rtol=1e-5, atol=1e-7)

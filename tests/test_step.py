@@ -252,3 +252,28 @@ def test_drgrpo_constant_does_not_depend_on_response_trimming(setup):
     for bucket in (1, 32):
         np.testing.assert_allclose(float(outs[bucket][1]), float(outs[0][1]), rtol=1e-6)
         assert _rel(outs[bucket][2], outs[0][2]) <= 1e-5
+
+
+@pytest.mark.parametrize("policy_loss", ["gspo", "gspo_token", "cispo"])
+def test_policy_loss_modes_train_and_split_over_micro_batches(setup, policy_loss):
+    """algo.policy_loss: each mode moves the policy towards the advantages on a fixed batch
+    (Σ m·A·(log π_new − log π_old) > 0), skips nothing, and gives the same gradient with 1 or 2
+    micro-batches (its denominators are the mini-batch's)."""
+    algo = AlgoCfg(
+        policy_loss=policy_loss,
+        use_kl_loss=False,
+        loss_agg_mode="seq-mean-token-mean",
+        gspo_clip_ratio_low=0.2,
+        gspo_clip_ratio_high=0.2,
+    )
+    optim = OptimCfg(lr=5e-3, grad_clip=1.0)
+    lora, _, hist, b = _train(setup, 6, algo, optim)
+    assert all(h["actor/skipped"] == 0 and np.isfinite(h["actor/loss"]) for h in hist)
+    cfg, base, lcfg, _ = setup
+    new, _ = S.compute_logprobs(cfg, lcfg, base, lora, b, n=G, temperature=1.0, chunk=4)
+    gain = (b["response_mask"] * b["advantages"] * (new - b["old_logp"])).sum()
+    assert float(gain) > 1e-3, float(gain)
+    _, _, h1, _ = _train(setup, 1, algo, OptimCfg(lr=1e-3, grad_clip=0.0), n_micro=1)
+    _, _, h2, _ = _train(setup, 1, algo, OptimCfg(lr=1e-3, grad_clip=0.0), n_micro=2)
+    assert abs(h1[0]["actor/grad_norm"] - h2[0]["actor/grad_norm"]) < 1e-5
+    assert abs(h1[0]["actor/pg_loss"] - h2[0]["actor/pg_loss"]) < 1e-5

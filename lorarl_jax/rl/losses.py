@@ -1,8 +1,9 @@
-"""PPO-family losses as pure array functions: clipped / dual-clip policy loss, KL estimators,
-value loss and loss aggregation modes.
+"""PPO-family losses as pure array functions: clipped / dual-clip policy loss, GSPO (sequence
+and token level), CISPO, KL estimators, value loss and loss aggregation modes.
 
 Design: each function reproduces its counterpart in verl's `verl/trainer/ppo/core_algos.py`
-(`compute_policy_loss_vanilla`, `agg_loss`, `kl_penalty`, `compute_value_loss`) and
+(`compute_policy_loss_vanilla` / `_gspo` / `_cispo`, `agg_loss`, `kl_penalty`,
+`compute_value_loss`) and
 `ray_trainer.apply_kl_penalty`, so verl recipes transfer unchanged. Losses
 return `(scalar, metrics)` with metrics as a flat dict of scalars; string options are Python
 values resolved at trace time, so every function jits with them held static. The train step
@@ -137,6 +138,113 @@ def policy_loss(
         "pg_clipfrac": token_mean((pg2_BxT > pg1_BxT).astype(dtype), mask_BxT, n_tokens),
         "pg_clipfrac_lower": token_mean(
             ((clip1_BxT > pg3_BxT) & negative_BxT).astype(dtype), mask_BxT, n_tokens
+        ),
+        "ppo_kl": token_mean(-neg_kl_BxT, mask_BxT, n_tokens),
+    }
+    loss = agg_loss(losses_BxT, mask_BxT, loss_agg_mode, loss_scale_factor, denominator)
+    return loss, metrics
+
+
+POLICY_LOSSES = ("vanilla", "gspo", "gspo_token", "cispo")
+
+
+def sequence_log_ratio(logp_BxT: Array, old_logp_BxT: Array, mask_BxT: Array) -> Array:
+    """log s_b = min(sum_t m(logp - old_logp) / max(sum_t m, 1), 10): GSPO's length-normalised
+    sequence log-ratio [B] (the log of the geometric mean of the token ratios)."""
+    m = mask_BxT.astype(logp_BxT.dtype)
+    d_B = masked_sum(logp_BxT - old_logp_BxT, m, axis=-1) / jnp.maximum(m.sum(-1), 1.0)
+    return jnp.minimum(d_B, 10.0)
+
+
+def gspo_policy_loss(
+    logp_BxT: Array,
+    old_logp_BxT: Array,
+    adv_BxT: Array,
+    mask_BxT: Array,
+    *,
+    clip_ratio_low: float = 3e-4,
+    clip_ratio_high: float = 4e-4,
+    token_level: bool = False,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    loss_scale_factor: float | None = None,
+    weights_BxT: Array | None = None,
+    denominator: Array | None = None,
+    n_tokens: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """GSPO (Zheng et al. 2025, arXiv:2507.18071; verl `gspo`, TRL importance_sampling_level).
+
+    s_b = exp(log s_b)  (sequence_log_ratio: geometric mean of the token ratios)
+    gspo:        r_bt = s_b                      gradient through s_b: s_b · mean_t ∇logp_bt
+    gspo_token:  r_bt = exp(sg[log s_b] + logp_bt − sg[logp_bt])   value s_b, gradient
+                 s_b · ∇logp_bt (token advantages keep their own weight)
+    L_bt = max(−A_bt r_bt, −A_bt clip(r_bt, 1 − eps_low, 1 + eps_high));  no dual clip
+    loss = agg_loss(L · w, mask, loss_agg_mode)  (the paper's is seq-mean-token-mean)
+    metrics: pg_clipfrac = token mean of [the sequence ratio was clipped], pg_clipfrac_lower
+    the part of it below 1 − eps_low, ppo_kl = mean_m[old − logp], seq_ratio_mean = token mean
+    of s_b.
+    """
+    log_s_B = sequence_log_ratio(logp_BxT, old_logp_BxT, mask_BxT)
+    if token_level:
+        sg = jax.lax.stop_gradient
+        log_r_BxT = sg(log_s_B)[:, None] + logp_BxT - sg(logp_BxT)
+    else:
+        log_r_BxT = jnp.broadcast_to(log_s_B[:, None], logp_BxT.shape)
+    ratio_BxT = jnp.exp(log_r_BxT)
+    clipped_BxT = jnp.clip(ratio_BxT, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    pg1_BxT, pg2_BxT = -adv_BxT * ratio_BxT, -adv_BxT * clipped_BxT
+    losses_BxT = jnp.maximum(pg1_BxT, pg2_BxT)
+    if weights_BxT is not None:
+        losses_BxT = losses_BxT * jax.lax.stop_gradient(weights_BxT)
+    dtype = losses_BxT.dtype
+    low_BxT = ratio_BxT < 1.0 - clip_ratio_low
+    metrics = {
+        "pg_clipfrac": token_mean((pg2_BxT > pg1_BxT).astype(dtype), mask_BxT, n_tokens),
+        "pg_clipfrac_lower": token_mean(
+            ((pg2_BxT > pg1_BxT) & low_BxT).astype(dtype), mask_BxT, n_tokens
+        ),
+        "ppo_kl": token_mean(old_logp_BxT - logp_BxT, mask_BxT, n_tokens),
+        "seq_ratio_mean": token_mean(jax.lax.stop_gradient(ratio_BxT), mask_BxT, n_tokens),
+    }
+    loss = agg_loss(losses_BxT, mask_BxT, loss_agg_mode, loss_scale_factor, denominator)
+    return loss, metrics
+
+
+def cispo_policy_loss(
+    logp_BxT: Array,
+    old_logp_BxT: Array,
+    adv_BxT: Array,
+    mask_BxT: Array,
+    *,
+    clip_ratio_low: float = 1.0,
+    clip_ratio_high: float = 5.0,
+    loss_agg_mode: str = "token-mean",
+    loss_scale_factor: float | None = None,
+    weights_BxT: Array | None = None,
+    denominator: Array | None = None,
+    n_tokens: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """CISPO (MiniMax-M1, arXiv:2506.13585; verl `cispo`): clip the importance weight, not the
+    update, so no token leaves the gradient.
+
+    r = exp(clip(logp − old_logp, −20, 20));  ŵ = sg[clip(r, 1 − eps_low, 1 + eps_high)]
+    L_bt = −ŵ_bt · A_bt · logp_bt     (gradient −ŵ·A·∇logp for every token)
+    loss = agg_loss(L · w, mask, loss_agg_mode)
+    metrics: pg_clipfrac = mean_m[r > 1 + eps_high], pg_clipfrac_lower = mean_m[r < 1 − eps_low],
+    ppo_kl = mean_m[old − logp]. eps_low = 1 (the default): no lower bound, as the paper.
+    """
+    neg_kl_BxT = jnp.clip(logp_BxT - old_logp_BxT, -20.0, 20.0)
+    ratio_BxT = jax.lax.stop_gradient(jnp.exp(neg_kl_BxT))
+    w_is_BxT = jnp.clip(ratio_BxT, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    losses_BxT = -w_is_BxT * adv_BxT * logp_BxT
+    if weights_BxT is not None:
+        losses_BxT = losses_BxT * jax.lax.stop_gradient(weights_BxT)
+    dtype = losses_BxT.dtype
+    metrics = {
+        "pg_clipfrac": token_mean(
+            (ratio_BxT > 1.0 + clip_ratio_high).astype(dtype), mask_BxT, n_tokens
+        ),
+        "pg_clipfrac_lower": token_mean(
+            (ratio_BxT < 1.0 - clip_ratio_low).astype(dtype), mask_BxT, n_tokens
         ),
         "ppo_kl": token_mean(-neg_kl_BxT, mask_BxT, n_tokens),
     }

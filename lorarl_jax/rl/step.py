@@ -125,18 +125,7 @@ def policy_loss_fn(
             n_tokens=denoms["tokens"],
             n_seqs=denoms["seqs"],
         )
-    pg, m = losses.policy_loss(
-        logp,
-        old_logp,
-        mb["advantages"],
-        mask,
-        clip_ratio_low=algo.clip_ratio_low,
-        clip_ratio_high=algo.clip_ratio_high,
-        clip_ratio_c=algo.clip_ratio_c,
-        weights_BxT=weights,
-        n_tokens=denoms["tokens"],
-        **agg,
-    )
+    pg, m = _policy_loss(algo, logp, old_logp, mb["advantages"], mask, weights, denoms, agg)
     loss = pg
     metrics.update({"actor/pg_loss": pg, **{f"actor/{k}": v for k, v in m.items()}})
     if algo.use_kl_loss:
@@ -153,6 +142,42 @@ def policy_loss_fn(
         metrics["rollout/logp_gap_mean"] = gap.sum() / denoms["tokens"]
         metrics["rollout/logp_gap_max"] = gap.max()
     return loss, metrics
+
+
+def _policy_loss(algo: AlgoCfg, logp, old_logp, adv, mask, weights, denoms, agg):
+    """`algo.policy_loss`: vanilla (dual-clip PPO) | gspo | gspo_token | cispo (rl/losses.py)."""
+    common = dict(weights_BxT=weights, n_tokens=denoms["tokens"], **agg)
+    if algo.policy_loss in ("gspo", "gspo_token"):
+        return losses.gspo_policy_loss(
+            logp,
+            old_logp,
+            adv,
+            mask,
+            clip_ratio_low=algo.gspo_clip_ratio_low,
+            clip_ratio_high=algo.gspo_clip_ratio_high,
+            token_level=algo.policy_loss == "gspo_token",
+            **common,
+        )
+    if algo.policy_loss == "cispo":
+        return losses.cispo_policy_loss(
+            logp,
+            old_logp,
+            adv,
+            mask,
+            clip_ratio_low=algo.cispo_clip_ratio_low,
+            clip_ratio_high=algo.cispo_clip_ratio_high,
+            **common,
+        )
+    return losses.policy_loss(
+        logp,
+        old_logp,
+        adv,
+        mask,
+        clip_ratio_low=algo.clip_ratio_low,
+        clip_ratio_high=algo.clip_ratio_high,
+        clip_ratio_c=algo.clip_ratio_c,
+        **common,
+    )
 
 
 def _split_micro(batch, n_micro: int):
