@@ -116,6 +116,10 @@ class Checkpointer:
         items |= {k: ocp.args.JsonSave(state[k]) for k in JSON_ITEMS if k in state}
         return self._mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step)` without `force` would write (interval or preemption)."""
+        return self._mgr.should_save(step)
+
     def latest_step(self) -> int | None:
         """The newest finalised step (in-flight or killed saves are not counted)."""
         return self._mgr.latest_step()

@@ -681,6 +681,9 @@ def test_a_non_finite_adapter_is_never_checkpointed():
     from lorarl_jax.rl.setup import save_checkpoint
 
     class Refuse:
+        def should_save(self, step):
+            return True
+
         def save(self, *a, **kw):
             raise AssertionError("a NaN adapter reached the checkpointer")
 

@@ -76,11 +76,6 @@ def init_critic(cfg: ModelConfig, base, key, tx, mesh):
     return params, opt_state, params_sh, opt_sh
 
 
-def critic_values(params, tokens_BxL, attn_BxL, n_resp: int, *, cfg):
-    """V of each response token: [B, n_resp] (`response_values`, the critic programs' body)."""
-    return response_values(cfg, params, tokens_BxL, attn_BxL, n_resp)
-
-
 def critic_step(params, opt_state, mb, *, cfg, tx, clip, agg, scale):
     """One AdamW step of the clipped value loss on a mini-batch → (params, opt_state, metrics)."""
     N = mb["response_mask"].shape[1]

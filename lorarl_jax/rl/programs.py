@@ -119,7 +119,9 @@ def _logprobs(static: Static, place: Placement):
 def _critic(static: Static, place: Placement, spec: CriticSpec):
     cfg, batch, repl = static.model_cfg.dense, place.batch, place.replicated
     values = jax.jit(
-        functools.partial(critic_lib.critic_values, cfg=cfg),
+        lambda params, tokens, attn, n_resp: critic_lib.response_values(
+            cfg, params, tokens, attn, n_resp
+        ),
         static_argnums=(3,),
         in_shardings=(spec.params_sh, batch, batch),
         out_shardings=repl,

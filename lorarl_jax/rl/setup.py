@@ -291,10 +291,10 @@ def _maybe_resume(run: Run, rdir: run_dir.RunDir) -> None:
 
 def save_checkpoint(run: Run, force: bool = False) -> None:
     """Saves the step's state (on the checkpoint interval); never a non-finite adapter."""
-    if run.ckpt is None:
-        return
     state = run.state
-    if not math.isfinite(adapter_absmax(state.lora)):
+    if run.ckpt is None or not (force or run.ckpt.should_save(state.step)):
+        return
+    if not math.isfinite(adapter_absmax(state.lora)):  # only when this step is written
         raise RunStopped(f"step {state.step}: the adapter holds NaN/inf; not checkpointed")
     run.ckpt.save(state.step, state.checkpoint_items(run.data_iter.get_state()), force=force)
 
