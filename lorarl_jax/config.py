@@ -79,6 +79,9 @@ class RolloutCfg:
     logp_gap_action: str = "warn"  # warn | error | off
 
 
+GROUP_ESTIMATORS = ("grpo", "drgrpo", "rloo")  # advantages relative to the prompt's group
+
+
 @dataclasses.dataclass(frozen=True)
 class AlgoCfg:
     adv_estimator: str = "grpo"  # grpo | drgrpo | rloo | reinforce_plus_plus | gae
@@ -119,6 +122,13 @@ class AlgoCfg:
     # stop (before checkpointing) when any adapter weight exceeds this magnitude: a finite but
     # catastrophic update (e.g. optim.lr far too high); 0: no limit
     max_adapter_absmax: float = 1e4
+    # DAPO (rl/dapo.py): dynamic sampling keeps only groups whose rewards differ, generating
+    # fresh prompt batches until data.batch_size such groups or max_num_gen_batches (0: no cap)
+    filter_groups: bool = False
+    max_num_gen_batches: int = 10
+    overlong_buffer_len: int = 0  # soft length penalty over the last L_buf tokens; 0: off
+    overlong_penalty_factor: float = 1.0  # the penalty at max_new_tokens
+    overlong_filter: bool = False  # truncated responses (no stop token) out of the loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +277,9 @@ RANGES = {
     ("algo", "logprob_chunk"): "int [1, inf)",
     ("algo", "max_skipped_steps"): "int [0, inf)",
     ("algo", "max_adapter_absmax"): "[0, inf)",
+    ("algo", "max_num_gen_batches"): "int [0, inf)",
+    ("algo", "overlong_buffer_len"): "int [0, inf)",
+    ("algo", "overlong_penalty_factor"): "[0, inf)",
     ("critic", "lr"): "(0, inf)",
     ("critic", "cliprange_value"): "(0, inf)",
     ("critic", "warmup_steps"): "int [0, inf)",
@@ -371,9 +384,10 @@ def from_config_dict(cd) -> RunConfig:
             "trainer.coordinator_address needs trainer.num_processes >= 1 and "
             f"0 <= trainer.process_id < num_processes (got {tc.num_processes}, {tc.process_id})"
         )
-    if a.adv_estimator in ("grpo", "drgrpo", "rloo") and cfg.rollout.num_generations < 2:
+    if a.adv_estimator in GROUP_ESTIMATORS and cfg.rollout.num_generations < 2:
         raise ValueError(f"algo.adv_estimator={a.adv_estimator} needs rollout.num_generations >= 2")
     rc = cfg.rollout
+    _check_dapo(a, rc)
     for i, w in enumerate(data.reward_weights):
         if not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"config key data.reward_weights[{i}]={w!r}: must be a finite number")
@@ -391,6 +405,20 @@ def from_config_dict(cd) -> RunConfig:
     )
     batch_sizes(cfg)  # the batch arithmetic, checked once here
     return cfg
+
+
+def _check_dapo(a: AlgoCfg, rc: RolloutCfg) -> None:
+    if a.filter_groups and a.adv_estimator not in GROUP_ESTIMATORS:
+        raise ValueError(
+            f"algo.filter_groups drops groups of equal rewards, which carry no signal only for "
+            f"a group-relative estimator {list(GROUP_ESTIMATORS)}; got "
+            f"algo.adv_estimator={a.adv_estimator!r}"
+        )
+    if a.overlong_buffer_len >= rc.max_new_tokens:
+        raise ValueError(
+            f"algo.overlong_buffer_len={a.overlong_buffer_len} must be below "
+            f"rollout.max_new_tokens={rc.max_new_tokens}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

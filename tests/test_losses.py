@@ -50,6 +50,16 @@ def test_agg_norm_constant_and_empty_row():
     _close(losses.agg_loss(L_2x3, m, "seq-mean-token-sum"), 1.5)
 
 
+def test_agg_denominator_rows_left_out():
+    """`rows`: rows out of the batch (mask 0) are not counted by the row-count modes."""
+    M = jnp.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [0, 0, 0]])  # 2 rows in, 2 left out
+    _close(losses.agg_denominator(M, "seq-mean-token-sum", rows=2.0), 2.0)
+    _close(losses.agg_denominator(M, "seq-mean-token-sum"), 4.0)  # every row counts
+    _close(losses.agg_denominator(M, "seq-mean-token-sum-norm", 5.0, rows=2.0), 10.0)
+    _close(losses.agg_denominator(M, "token-mean", rows=2.0), 4.0)
+    _close(losses.agg_denominator(M, "seq-mean-token-mean", rows=2.0), 2.0)
+
+
 @pytest.mark.parametrize(
     "mode, denominator",
     [

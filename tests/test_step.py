@@ -277,3 +277,37 @@ def test_policy_loss_modes_train_and_split_over_micro_batches(setup, policy_loss
     _, _, h2, _ = _train(setup, 1, algo, OptimCfg(lr=1e-3, grad_clip=0.0), n_micro=2)
     assert abs(h1[0]["actor/grad_norm"] - h2[0]["actor/grad_norm"]) < 1e-5
     assert abs(h1[0]["actor/pg_loss"] - h2[0]["actor/pg_loss"]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "mode, policy_loss",
+    [(m, "vanilla") for m in losses.AGG_MODES]
+    + [("seq-mean-token-mean", "gspo"), ("seq-mean-token-sum", "cispo")],
+)
+def test_rows_out_of_the_loss_are_as_if_absent(setup, mode, policy_loss):
+    """DAPO's fillers / overlong-filtered rows: groups 1 and 3 of a 4-group batch with
+    `loss_rows` 0 (and their own non-zero advantages) give the loss, gradient and metrics of the
+    2-group batch without them, whole or in 2 micro-batches, with KL, entropy and rollout IS."""
+    lora = jax.tree.map(lambda x: x + 0.03, setup[3])
+    st = (*setup[:3], lora)
+    algo = AlgoCfg(
+        policy_loss=policy_loss,
+        loss_agg_mode=mode,
+        loss_scale_factor=12.0,
+        use_kl_loss=True,
+        kl_loss_coef=0.1,
+        entropy_coeff=0.01,
+        rollout_is="token",
+    )
+    full = _with_logps(st, _ragged_batch())
+    groups, rows = np.array([0, 2]), np.array([0, 1, 4, 5])
+    alone = {k: v[groups] if k.startswith("prompt_") else v[rows] for k, v in full.items()}
+    want_loss, want_g, want_m = _grads(st, alone, algo, 1)
+    masked = dict(full, loss_rows=jnp.asarray([1, 1, 0, 0, 1, 1, 0, 0], jnp.float32))
+    for n_micro in (1, 2):
+        loss, g, m = _grads(st, masked, algo, n_micro)
+        assert _rel(g, want_g) <= 1e-5, (mode, n_micro, _rel(g, want_g))
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+        for k in want_m:
+            np.testing.assert_allclose(float(m[k]), float(want_m[k]), rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(full["advantages"][2:4]).max()) > 0.1  # the left-out rows had signal

@@ -82,7 +82,7 @@ def critic_step(params, opt_state, mb, *, cfg, tx, clip, agg, scale):
 
     def loss_fn(p):
         v = response_values(cfg, p, mb["tokens"], mb["attention_mask"], N)
-        m = mb["response_mask"]
+        m = step_lib.loss_mask(mb)
         return losses.value_loss(v, mb["values"], mb["returns"], m, clip, agg, scale)
 
     (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params)

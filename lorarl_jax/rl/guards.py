@@ -11,7 +11,7 @@ these failures: a run that silently scores 0 or skips every update still looks a
   - data.max_failed_reward_steps: a reward function gave nothing usable (every sample an error,
     timeout, None or NaN) for that many consecutive steps;
   - algo.max_skipped_steps: every update of that many consecutive steps was skipped (non-finite
-    loss or gradient);
+    loss or gradient; a step that made no update, DAPO's filters leaving nothing, does not count);
   - algo.max_adapter_absmax: an adapter weight is non-finite or above the limit (a finite but
     catastrophic update, e.g. optim.lr far too high, which the non-finite skip cannot see).
   0 turns a guard off; a non-finite adapter always stops the run.
@@ -116,8 +116,10 @@ class RunGuards:
                     f"consecutive steps (data.max_failed_reward_steps={self.max_failed}); "
                     "fix the reward function"
                 )
-        all_skipped = metrics.get("actor/skipped", 0.0) >= self.updates
-        self.skipped = self.skipped + 1 if all_skipped else 0
+        updates = metrics.get("actor/updates", self.updates)  # DAPO's filters may leave none
+        if updates:
+            all_skipped = metrics.get("actor/skipped", 0.0) >= updates
+            self.skipped = self.skipped + 1 if all_skipped else 0
         if self.max_skipped and self.skipped >= self.max_skipped:
             raise RunStopped(
                 f"step {step}: every update of the last {self.skipped} steps was skipped for a "

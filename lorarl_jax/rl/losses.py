@@ -30,7 +30,12 @@ AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mea
 KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 
 
-def agg_denominator(mask_BxT: Array, loss_agg_mode: str, loss_scale_factor: float | None = None):
+def agg_denominator(
+    mask_BxT: Array,
+    loss_agg_mode: str,
+    loss_scale_factor: float | None = None,
+    rows: Array | None = None,
+):
     """D of `agg_loss` for a whole (mini-)batch mask; m = mask, B rows, C = loss_scale_factor.
 
     token-mean:              D = sum(m)                        (tokens)
@@ -38,21 +43,24 @@ def agg_denominator(mask_BxT: Array, loss_agg_mode: str, loss_scale_factor: floa
     seq-mean-token-mean:     D = #{b : sum_t m_bt > 0}         (non-empty sequences)
     seq-mean-token-sum-norm: D = B * C,  C = loss_scale_factor (Dr.GRPO's constant; T if None)
 
+    `rows`: B when some rows are not in the batch at all (DAPO's fillers and filtered rows,
+    whose mask is 0: `rl/dapo.py`); None: every row of the mask counts, empty or not.
     The train step computes D once over the whole mini-batch and hands it to every micro-batch's
     `agg_loss`, then sums the micro-batch losses and gradients: the result is the mini-batch's
     loss whatever the micro-batch size or the number of data shards (as verl and TRL now do).
     D is clamped to >= 1, so an all-masked batch gives a zero loss.
     """
     m = mask_BxT.astype(jnp.float32)
+    B = jnp.asarray(m.shape[0] if rows is None else rows, jnp.float32)
     if loss_agg_mode == "token-mean":
         d = jnp.sum(m)
     elif loss_agg_mode == "seq-mean-token-sum":
-        d = jnp.asarray(m.shape[0], jnp.float32)
+        d = B
     elif loss_agg_mode == "seq-mean-token-mean":
         d = jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32))
     elif loss_agg_mode == "seq-mean-token-sum-norm":
         c = loss_scale_factor or m.shape[-1]  # None / 0: this batch's T (config sets a constant)
-        d = jnp.asarray(m.shape[0] * c, jnp.float32)
+        d = B * c
     else:
         raise ValueError(f"invalid loss_agg_mode {loss_agg_mode!r}; valid: {list(AGG_MODES)}")
     return jnp.maximum(d, 1.0)

@@ -316,6 +316,28 @@ def failed_functions(metrics: Mapping[str, float], batch: int) -> list[str]:
     ]
 
 
+def merge_reward_metrics(parts: Sequence[Mapping[str, float]], scores: Sequence) -> dict:
+    """One step's reward metrics from its generation batches (DAPO's dynamic sampling): sample
+    counts (`*/failed`, timeouts, errors, none, nonfinite) summed, `reward/hung_threads` the
+    last, `reward/mean` / `reward/std` over all the scores, other means averaged over the
+    (equal-sized) batches."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    counts = {f"reward/{k}" for k in _FAILURES}
+    out = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts if key in p]
+        if key in counts or key.endswith("/failed"):
+            out[key] = float(np.sum(values))
+        elif key == "reward/hung_threads":
+            out[key] = values[-1]
+        else:
+            out[key] = float(np.mean(values))
+    total = np.concatenate([np.asarray(s, np.float64) for s in scores])
+    out["reward/mean"], out["reward/std"] = float(total.mean()), float(total.std())
+    return out
+
+
 def _check_aligned(columns: Mapping[str, Sequence], rows: int, what: str = "the batch") -> None:
     bad = {k: len(v) for k, v in columns.items() if len(v) != rows}
     if bad:

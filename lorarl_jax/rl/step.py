@@ -70,12 +70,23 @@ def make_optimizer(cfg: OptimCfg, total_steps: int) -> optax.GradientTransformat
     return optax.masked(adamw(cfg, total_steps), trainable_mask)
 
 
-def minibatch_denominators(mask_RxN, algo: AlgoCfg) -> dict[str, jax.Array]:
+def loss_mask(mb):
+    """The tokens every loss term reads: `response_mask`, times `loss_rows` [R] when the batch
+    has rows that are not in the loss (DAPO's fillers and overlong-filtered rows)."""
+    mask = mb["response_mask"]
+    if "loss_rows" in mb:
+        mask = mask * mb["loss_rows"][:, None].astype(mask.dtype)
+    return mask
+
+
+def minibatch_denominators(batch, algo: AlgoCfg) -> dict[str, jax.Array]:
     """The whole mini-batch's denominators, computed once before it is split into micro-batches:
-    `loss` (agg_loss's D for `algo.loss_agg_mode`), `tokens` (response tokens: token means of the
-    metrics) and `seqs` (non-empty responses)."""
+    `loss` (agg_loss's D for `algo.loss_agg_mode`; rows out of the loss are not counted),
+    `tokens` (response tokens: token means of the metrics) and `seqs` (non-empty responses)."""
+    mask_RxN, rows = loss_mask(batch), batch.get("loss_rows")
+    rows = None if rows is None else jnp.sum(rows)
     return {
-        "loss": losses.agg_denominator(mask_RxN, algo.loss_agg_mode, algo.loss_scale_factor),
+        "loss": losses.agg_denominator(mask_RxN, algo.loss_agg_mode, algo.loss_scale_factor, rows),
         "tokens": losses.agg_denominator(mask_RxN, "token-mean"),
         "seqs": losses.agg_denominator(mask_RxN, "seq-mean-token-mean"),
     }
@@ -87,7 +98,8 @@ def policy_loss_fn(
     """Loss and metrics of one micro-batch: `prompt_tokens`/`prompt_mask` [b, P] and the b·n
     rows of `responses`, `response_mask`, `advantages`, (`old_logp`, `ref_logp`,
     `sampler_logp`) [b·n, N]. Every term is divided by the whole mini-batch's `denoms`, so the
-    micro-batch losses, gradients and metrics (except `*_max`) add up to the mini-batch's."""
+    micro-batch losses, gradients and metrics (except `*_max`) add up to the mini-batch's.
+    Optional `loss_rows` [b·n]: 0 takes a row out of every loss term (`loss_mask`)."""
     use_dropout = lcfg.lora_dropout > 0
     logp, ent = shared_prompt_logprobs(
         cfg,
@@ -103,7 +115,7 @@ def policy_loss_fn(
         algo.logprob_chunk,
         dropout_key=key if use_dropout else None,
     )
-    mask = mb["response_mask"]
+    mask = loss_mask(mb)
     agg = dict(
         loss_agg_mode=algo.loss_agg_mode,
         loss_scale_factor=algo.loss_scale_factor,
@@ -192,7 +204,7 @@ def accumulate_grads(grad_fn, lora, base, batch, key, n_micro: int, algo: AlgoCf
     """Σ over micro-batches of (loss, grad, metrics) of `grad_fn(lora, base, mb, key, denoms)`,
     with `denoms` of the whole batch: exactly the whole batch's loss and gradient (up to float
     summation order). `*_max` metrics take the max over micro-batches."""
-    denoms = minibatch_denominators(batch["response_mask"], algo)
+    denoms = minibatch_denominators(batch, algo)
     micro = _split_micro(batch, n_micro)
     if micro_sh is not None and n_micro > 1:  # [M, rows/M, ...]: scan over M, rows split
         micro = jax.lax.with_sharding_constraint(micro, micro_sh)

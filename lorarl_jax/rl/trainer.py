@@ -12,6 +12,8 @@ Per step (verl's order):
                                                      (rollout.merge=never: base + adapter as is)
              rollout = generate(merged, prompts, n)  tokens, response mask, sampler log-probs
   score      scores = rewards(completions)           per sequence, on the last response token
+             (+ DAPO's overlong penalty; with algo.filter_groups, sample and score repeat on
+             fresh prompts until the step has data.batch_size informative groups: rl/collect.py)
   logprobs   old_logp = π_θ(tokens) (off-policy only), ref_logp = π_ref(tokens): the base with a
              zero adapter delta (or the initial adapter)
   advantages token_rewards = scores − β·KL (optional, β in TrainState.kl_coef, fixed/adaptive),
@@ -38,8 +40,9 @@ import numpy as np
 from lorarl_jax import distributed, run_dir
 from lorarl_jax.config import RunConfig
 from lorarl_jax.rl import advantages as adv_lib
-from lorarl_jax.rl import losses
-from lorarl_jax.rl.evaluate import decode_responses, evaluate
+from lorarl_jax.rl import dapo, losses
+from lorarl_jax.rl.collect import collect, sample, score  # noqa: F401  (sample, score: API)
+from lorarl_jax.rl.evaluate import evaluate
 from lorarl_jax.rl.experience import (
     build_sequences,
     minibatch_indices,
@@ -53,38 +56,12 @@ from lorarl_jax.rl.guards import (  # noqa: F401  (LogpGapError: trainer's API)
     adapter_absmax,
 )
 from lorarl_jax.rl.setup import Run, build, export_final, save_checkpoint
-from lorarl_jax.rl.state import REWARD_COLUMNS, TrainState
+from lorarl_jax.rl.state import TrainState
 
 
 def _masked_mean(x, mask):
     mask = np.asarray(mask, np.float32)
     return float((np.asarray(x) * mask).sum() / max(mask.sum(), 1.0))
-
-
-def sample(run: Run, state: TrainState, batch, step: int):
-    """Merge once, then `n` samples per prompt → (host Rollout, their texts, timings)."""
-    t0 = time.perf_counter()
-    w = run.programs.merge(run.base, state.lora)  # merged, or base + adapter (rollout.merge)
-    jax.block_until_ready(w.params)
-    t_merge = time.perf_counter() - t0
-    out = run.programs.generate(  # host prompts in, host (replicated) rollout out
-        w, batch["input_ids"], batch["attention_mask"], state.rollout_key(step), run.static.rollout
-    )
-    del w
-    t_rollout = time.perf_counter() - t0 - t_merge
-    texts = decode_responses(run.static.tokenizer, out.tokens, out.lengths)
-    return out, texts, {"time/merge": t_merge, "time/rollout": t_rollout}
-
-
-def score(run: Run, batch, texts):
-    """Rewards of every completion (`data.reward_fns`) → (scores_R, reward metrics)."""
-    n = run.static.rollout.n
-    prompts = [p for p in batch["raw_prompt"] for _ in range(n)]
-    columns = {k: [v for v in batch[k] for _ in range(n)] for k in REWARD_COLUMNS}
-    t1 = time.perf_counter()
-    scores, rmetrics = run.reward(prompts, texts, columns)
-    scores = distributed.same_on_all_processes(scores)  # e.g. a timeout on one host only
-    return scores, {**rmetrics, "time/reward": time.perf_counter() - t1}
 
 
 def train_sequences(batch, out, bucket: int):
@@ -154,10 +131,9 @@ def advantages(run: Run, state: TrainState, batch, seqs, scores, old_logp, ref_l
 
 
 def rollout_step(run: Run, state: TrainState, batch, step: int):
-    """sample → score → log-probs → advantages: (state, train batch, metrics)."""
+    """collect (sample → score) → log-probs → advantages: (state, train batch, metrics)."""
     static, a = run.static, run.static.cfg.algo
-    out, texts, times = sample(run, state, batch, step)
-    scores, rmetrics = score(run, batch, texts)
+    batch, out, scores, loss_rows, cm = collect(run, state, batch, step)
     seqs, slogp = train_sequences(batch, out, static.cfg.rollout.response_bucket)
     rmask = seqs["response_mask"]
     t2 = time.perf_counter()
@@ -177,19 +153,21 @@ def rollout_step(run: Run, state: TrainState, batch, step: int):
         ref_from = old_logp if old_logp is not None else slogp
         metrics["actor/kl"] = _masked_mean(np.asarray(ref_from) - np.asarray(ref_logp), rmask)
     lengths = np.asarray(rmask).sum(-1)
+    times = {k: v for k, v in cm.items() if k.startswith("time/")}
     metrics.update(
         {
-            **{k: v for k, v in rmetrics.items() if k != "time/reward"},
+            **{k: v for k, v in cm.items() if not k.startswith("time/")},
             "response/length_mean": float(lengths.mean()),
             "response/length_max": float(lengths.max()),
             "response/clipped_frac": float((lengths >= static.rollout.max_new_tokens).mean()),
             **times,
-            "time/reward": rmetrics["time/reward"],
             "time/logprobs": t_logp,
             "perf/rollout_tokens_per_s": float(lengths.sum() / max(times["time/rollout"], 1e-9)),
         }
     )
     tb = {**seqs, "sampler_logp": np.asarray(slogp), "advantages": advs, "returns": returns}
+    if loss_rows is not None:  # DAPO: fillers / truncated rows out of every loss term
+        tb["loss_rows"] = np.asarray(loss_rows, np.float32)
     if static.sizes.off_policy:
         tb["old_logp"] = np.asarray(old_logp)
     if a.use_kl_loss:
@@ -200,9 +178,11 @@ def rollout_step(run: Run, state: TrainState, batch, step: int):
 
 def aggregate_updates(acc: dict[str, list[float]]) -> dict[str, float]:
     """One step's metrics from its updates' values: `*_max` the max, `actor/skipped` the count
-    of skipped updates, everything else the mean over the mini-batch updates."""
+    of skipped updates, `actor/updates` the count of updates (fewer than ppo_epochs ×
+    mini-batches when DAPO's filters leave mini-batches empty), the rest the mean."""
     out = {k: float(np.max(v) if k.endswith("_max") else np.mean(v)) for k, v in acc.items()}
     out["actor/skipped"] = float(np.sum(acc.get("actor/skipped", [0.0])))
+    out["actor/updates"] = float(len(acc.get("actor/loss", [])))
     return out
 
 
@@ -219,8 +199,14 @@ def update(run: Run, state: TrainState, tb, step: int):
         state.critic_opt_state,
     )
     t0 = time.perf_counter()
+    live = None if "loss_rows" not in tb else tb["loss_rows"].reshape(prompts, n).any(-1)
     for epoch in range(a.ppo_epochs):  # mini-batches of whole groups (prompt + its n rows)
-        for i, pidx in enumerate(minibatch_indices(prompts, per_mb, rng, shuffle=prompts > per_mb)):
+        shuffle = prompts > per_mb
+        if live is None:
+            mbs = minibatch_indices(prompts, per_mb, rng, shuffle=shuffle)
+        else:  # DAPO: no update of fillers only (rl/dapo.py)
+            mbs = dapo.loss_minibatches(live, per_mb, rng, shuffle=shuffle)
+        for i, pidx in enumerate(mbs):
             ridx = (pidx[:, None] * n + np.arange(n)[None, :]).reshape(-1)
             mb = run.place.put(
                 {k: v[pidx] if k.startswith("prompt_") else v[ridx] for k, v in tb.items()}
@@ -322,7 +308,8 @@ def _loop(run: Run) -> dict:
         metrics.update(um)
         metrics["actor/adapter_absmax"] = adapter_absmax(state.lora)
         gate.check(step, metrics)
-        guards.check(step, metrics, samples=len(tb["responses"]))  # before the checkpoint
+        samples = int(metrics.get("data/gen_samples", len(tb["responses"])))
+        guards.check(step, metrics, samples=samples)  # before the checkpoint
         n_tok = float(np.asarray(tb["response_mask"]).sum())
         metrics["time/step"] = time.perf_counter() - t0
         metrics["perf/tokens_per_s"] = n_tok / metrics["time/step"]
