@@ -152,7 +152,9 @@ def test_update_metrics_take_max_of_max_keys():
     acc = {"rollout_is/ratio_max": [1.5, 3.0], "actor/pg_loss": [1.0, 3.0]}
     acc["actor/skipped"] = [1.0, 1.0]
     out = trainer.aggregate_updates(acc)
-    assert out == {"rollout_is/ratio_max": 3.0, "actor/pg_loss": 2.0, "actor/skipped": 2.0}
+    want = {"rollout_is/ratio_max": 3.0, "actor/pg_loss": 2.0, "actor/skipped": 2.0}
+    assert out == want | {"actor/updates": 2.0}
+    assert trainer.aggregate_updates({}) == {"actor/skipped": 0.0, "actor/updates": 0.0}
 
 
 def test_critic_uses_the_policy_loss_agg_mode(tiny_model_dir, reward_file, tmp_path):

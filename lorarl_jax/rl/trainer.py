@@ -182,7 +182,7 @@ def aggregate_updates(acc: dict[str, list[float]]) -> dict[str, float]:
     mini-batches when DAPO's filters leave mini-batches empty), the rest the mean."""
     out = {k: float(np.max(v) if k.endswith("_max") else np.mean(v)) for k, v in acc.items()}
     out["actor/skipped"] = float(np.sum(acc.get("actor/skipped", [0.0])))
-    out["actor/updates"] = float(len(acc.get("actor/loss", [])))
+    out["actor/updates"] = float(len(acc.get("actor/skipped", [])))  # every update reports it
     return out
 
 
