@@ -17,10 +17,14 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from lorarl_jax import process
 
-from lorarl_jax.config import default_config, from_config_dict
+process.configure()  # before absl/jax/transformers: one malloc arena, no torch (process.py)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from lorarl_jax.config import default_config, from_config_dict  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.")
 

@@ -103,6 +103,9 @@ def our_config(args, total_steps: int, out_dir: str) -> dict:
 
 
 def bench_ours(args) -> dict:
+    from lorarl_jax import process
+
+    process.configure()  # what `lorarl_jax.main` does first: one malloc arena, no torch
     import jax
 
     from lorarl_jax.config import from_config_dict

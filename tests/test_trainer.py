@@ -226,20 +226,27 @@ def test_existing_checkpoints_are_not_overwritten(tiny_model_dir, tmp_path):
     assert (out / "ckpt" / "1").exists()
 
 
-def test_training_runtime_does_not_import_torch(tiny_model_dir, tmp_path):
-    """The whole smoke run works with torch made unimportable."""
+@pytest.mark.parametrize("torch_importable", [True, False])
+def test_training_runtime_does_not_import_torch(tiny_model_dir, tmp_path, torch_importable):
+    """The whole smoke run imports no torch when torch is installed (transformers and tensorboardX
+    would: lorarl_jax/process.py), and works with torch made unimportable."""
+    hide = "" if torch_importable else "sys.modules['torch'] = None; "
     code = (
-        "import sys, runpy; sys.modules['torch'] = None; "
+        f"import sys, runpy; {hide}"
         "sys.argv = ['main', '--config', 'configs/smoke.py', "
         f"'--config.model.path={tiny_model_dir}', '--config.trainer.output_dir={tmp_path}/r', "
-        "'--config.trainer.steps=1']; "
-        "runpy.run_module('lorarl_jax.main', run_name='__main__')"
+        "'--config.trainer.steps=1']\n"
+        "try:\n    runpy.run_module('lorarl_jax.main', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('TORCH', sys.modules.get('torch') is not None)"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
     r = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "TORCH False"
+    assert "PyTorch was not found" not in r.stderr
     assert (tmp_path / "r" / "adapter" / "adapter_model.safetensors").exists()
 
 

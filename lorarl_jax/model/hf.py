@@ -137,9 +137,13 @@ class _LazyTensors:
                 yield name, np.asarray(f.get_tensor(name))
 
 
-def params_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, source: str = ""):
+def params_from_hf_tensors(
+    tensors: dict[str, np.ndarray], cfg: ModelConfig, source: str = "", put=None
+):
     """Maps HF-named arrays onto the tree, checking names and shapes against the model; an NF4
-    `cfg` gets its decoder linear kernels quantized one tensor at a time."""
+    `cfg` gets its decoder linear kernels quantized one tensor at a time. `put(path, leaf)`, if
+    given, turns each leaf into what the tree keeps as soon as it is read (a device array: the
+    host copy of one tensor at a time, not of the whole model, is alive at once)."""
     dense = abstract_params(cfg.dense)
     expected = {p: v for p, v in traverse_util.flatten_dict(nn.unbox(dense)).items()}
     nf4 = cfg.quantization == "nf4"
@@ -158,7 +162,8 @@ def params_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, sou
             bad_shape.append(f"{name}: {arr.shape} vs expected {expected[path].shape}")
             continue
         leaf = np.asarray(arr, dtype=expected[path].dtype)
-        flat.update(quant.quantize_leaf(path, leaf, cfg.double_quant) if nf4 else {path: leaf})
+        leaves = quant.quantize_leaf(path, leaf, cfg.double_quant) if nf4 else {path: leaf}
+        flat.update({p: put(p, v) for p, v in leaves.items()} if put else leaves)
         seen.add(path)
     missing = [path_to_hf(p)[0] for p in expected if p not in seen]
     where = f" in {source}" if source else ""
@@ -189,10 +194,12 @@ def load_hf_model(model_dir: str, shardings=None, **runtime):
     else:
         cfg = load_config(model_dir, **runtime)
         tensors = _LazyTensors(_safetensor_files(model_dir))
-    params = params_from_hf_tensors(tensors, cfg, model_dir)
     if shardings is None:
-        return cfg, jax.tree.map(jax.numpy.asarray, params)
-    return cfg, jax.tree.map(jax.device_put, params, shardings)
+        put = lambda _, x: jax.numpy.asarray(x)  # noqa: E731
+    else:
+        flat_sh = traverse_util.flatten_dict(shardings)
+        put = lambda p, x: jax.device_put(x, flat_sh[p])  # noqa: E731
+    return cfg, params_from_hf_tensors(tensors, cfg, model_dir, put)
 
 
 def save_hf_model(params, out_dir: str, src_dir: str | None = None, hf_config: dict | None = None):

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorarl_jax import distributed, run_dir
+from lorarl_jax import distributed, process, run_dir
 from lorarl_jax.config import RunConfig
 from lorarl_jax.rl import advantages as adv_lib
 from lorarl_jax.rl import dapo, losses
@@ -189,6 +189,7 @@ def aggregate_updates(acc: dict[str, list[float]]) -> dict[str, float]:
 def update(run: Run, state: TrainState, tb, step: int):
     """ppo_epochs × mini-batches of the jitted policy step (and critic step for PPO)."""
     a, n, sizes = run.static.cfg.algo, run.static.rollout.n, run.static.sizes
+    process.release_free_memory()  # the rollout's freed buffers back to the system (process.py)
     prompts, per_mb = tb["prompt_tokens"].shape[0], sizes.prompts_per_update
     rng = np.random.default_rng([run.static.cfg.trainer.seed, step])
     acc: dict[str, list[float]] = {}
@@ -231,6 +232,7 @@ def run_eval(run: Run, state: TrainState, step: int) -> dict[str, float]:
     if not run.val_examples:
         return {}
     static, programs = run.static, run.programs
+    process.release_free_memory()
     t0 = time.perf_counter()
     w = programs.merge(run.base, state.lora)
     spec = static.evaluation  # greedy, one sample per prompt
