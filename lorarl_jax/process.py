@@ -7,8 +7,9 @@ runtime do the same. Library users (tests, notebooks) get none of it unless they
   threads, and glibc gives each thread its own arena, so the buffers one phase frees (rollout's
   merged weights and KV cache) sit in arenas the next phase's threads do not allocate from.
   `release_free_memory()` (`malloc_trim(0)`) hands the free heap back to the system between
-  phases. Measured on the demo (2 cores, Intel Xeon): peak RSS 3.95 GiB → 3.16 (one arena) →
-  2.90 (and the trim) at the same s/step. A user's own `MALLOC_ARENA_MAX` wins;
+  phases. Measured on the demo (2 cores, Intel Xeon, micro-batches of 8 rows): peak RSS 3.95
+  GiB → 3.16 (one arena) → 2.97 in every update after the first (and the trim; the first,
+  which compiles, 3.18), at the same s/step. A user's own `MALLOC_ARENA_MAX` wins;
   `LORARL_MALLOC=0` leaves malloc alone. Not glibc (macOS, musl): nothing is changed.
 - transformers ≥ 5 imports torch with its configuration classes whenever torch is installed
   (+0.1–0.4 GiB RSS and torch's thread pools); the runtime uses transformers for configs and

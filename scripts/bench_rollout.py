@@ -2,26 +2,24 @@
 
     HF_HUB_OFFLINE=1 python scripts/convert_gguf.py --model smollm2   # -> $LORARL_CACHE/hf/smollm2
     flock /tmp/bench.lock python scripts/bench_rollout.py [--model-dir DIR] [--batch 32]
+    flock /tmp/bench.lock python scripts/bench_rollout.py --rl-lengths            # demo prompts
+    flock /tmp/bench.lock python scripts/bench_rollout.py --rl-lengths --task gsm8k \
+        --gsm8k ../shared/data/gsm8k/train.jsonl --new-tokens 256
 
-Both sides get the same 32 chat-templated arithmetic prompts (left-padded), fp32 on CPU, and emit
-exactly `--new-tokens` tokens per row (ours: no stop ids; HF: min_new_tokens = max_new_tokens),
-with temperature-1 sampling (no top-k/top-p) and greedy. Timed = one whole `generate` call,
+Both sides get the same `--batch` chat-templated prompts (left-padded), with temperature
+`--temperature` sampling (no top-k/top-p) and greedy. Default: every row emits exactly
+`--new-tokens` tokens (ours: no stop ids; HF: min_new_tokens = max_new_tokens), so both do the
+same work. `--rl-lengths`: the RL workload, EOS allowed, and tokens/s counts each row's tokens up
+to and including its EOS (the sampled tokens an RL step keeps); each side's mean length is
+printed (the two draw different samples from the same model). Our side runs in fp32; transformers
+in each of `--hf-dtypes` (fp32 and bf16: CPUs with AMX run torch bf16 matmuls 3-5x faster than
+fp32) and each `--attn`; the ratio is against its fastest. Timed = one whole `generate` call,
 prefill included (also timed alone: our jitted `prefill`, HF's generate of 1 token), best of
-`--repeats` after an untimed warm-up; our jit compile time is reported on its own. Ours runs
-first, so its peak RSS (getrusage) is measured before torch is imported. transformers runs with
-`--threads` torch threads and each `--attn` implementation; the ratio uses the faster one.
-Measured here (2 cores, same run, quiet machine): sampling ours 297 tokens/s vs transformers'
-best 153 (1.94x), greedy 287 vs 180 (1.59x); our compile 7 s (one decode loop per cache size).
-Before the growing cache (`sampler.cache_segments`): 262 vs 164 and 282 vs 197. Under load
-(load ~4.7) 125 vs 34 (3.6x): torch slows far more than XLA when the cores are shared.
+`--repeats` after an untimed warm-up; our compile time is reported on its own.
 
-Why 3x is out of reach here: every new token costs 134.5 M multiply-adds (269 MFLOP) of matmuls
-(30 layers + the tied 49152 x 576 LM head), so 32 x 128 tokens are 1.1 TFLOP, and the prefill
-(32 x 61 tokens, layers only) 0.41 TFLOP more. Measured: prefill 2.8 s (~150 GFLOP/s, as fast
-as large matmuls go on these 2 cores) and ~90 ms per decode step (~95 GFLOP/s; each step also
-reads the 538 MB of fp32 weights, 60 ms at ~9 GB/s). Even at the prefill's rate throughout,
-generate cannot beat ~10 s = ~400 tokens/s, ~2.6x transformers' quiet 153. 3x would need less
-arithmetic per token (quantized weights, speculative decoding), i.e. not the same fp32 model.
+Per phase, ours: GFLOP/s achieved by the prefill and by a decode step (linear maps, LM head and
+attention at the mean context), against the rate of the same fp32 matmul shapes measured alone
+in the same run (`bench_common.matmul_rate`).
 """
 
 from __future__ import annotations
@@ -37,7 +35,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import attention_flops, cpu_model, head_flops, linear_flops, matmul_rate  # noqa: E402
+
 MODES = ("sample", "greedy")
+TASKS = ("arith", "demo", "gsm8k")
 
 
 def default_model_dir() -> str:
@@ -46,18 +48,33 @@ def default_model_dir() -> str:
     return str(cache_dir() / "hf" / "smollm2")
 
 
-def make_prompts(model_dir: str, batch: int):
-    """`batch` distinct chat-templated arithmetic questions → left-padded (ids_BxP, mask_BxP)."""
+def task_rows(task: str, batch: int, gsm8k: str):
+    """arith: +-* with operands ≤ 99; demo: configs/demo.py's task (+-, ≤ 15); gsm8k: the first
+    `batch` questions of a GSM8K jsonl (verl's prompt)."""
+    from lorarl_jax.datasets import arith_rows, gsm8k_rows_from_jsonl
+
+    if task == "gsm8k":
+        if not gsm8k:
+            raise SystemExit("--task gsm8k needs --gsm8k PATH (a GSM8K jsonl)")
+        return gsm8k_rows_from_jsonl(gsm8k)[:batch]
+    if task == "demo":
+        return arith_rows(batch, seed=0, ops=("+", "-"), max_operand=15)
+    return arith_rows(batch, seed=0)
+
+
+def make_prompts(model_dir: str, batch: int, task: str = "arith", gsm8k: str = ""):
+    """`batch` distinct chat-templated questions → left-padded (ids_BxP, mask_BxP), the pad id
+    and the model's stop ids."""
     from transformers import AutoTokenizer
 
     from lorarl_jax.data import collate_left_padded, encode_prompts, pad_id_of
-    from lorarl_jax.datasets import arith_rows
+    from lorarl_jax.model.load import stop_ids_of
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    examples, _ = encode_prompts(arith_rows(batch, seed=0), tok, max_prompt_length=1024)
+    examples, _ = encode_prompts(task_rows(task, batch, gsm8k), tok, max_prompt_length=1024)
     pad_id = pad_id_of(tok)
     out = collate_left_padded(examples, pad_id, max_prompt_length=1024, pad_multiple=1)
-    return out["input_ids"], out["attention_mask"], pad_id
+    return out["input_ids"], out["attention_mask"], pad_id, stop_ids_of(tok, model_dir)
 
 
 def peak_rss_mb() -> float:
@@ -83,7 +100,8 @@ def _best(fn, repeats):
     return min(times), out
 
 
-def bench_ours(model_dir, ids, mask, pad_id, new_tokens, repeats):
+def bench_ours(model_dir, ids, mask, pad_id, stop_ids, args):
+    """stop_ids () = every row runs to --new-tokens. Rows: seconds, kept tokens, decode steps."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -91,6 +109,7 @@ def bench_ours(model_dir, ids, mask, pad_id, new_tokens, repeats):
     from lorarl_jax.model.hf import load_hf_model
     from lorarl_jax.sampling.sampler import SamplingParams, generate, prefill
 
+    new_tokens, repeats = args.new_tokens, args.repeats
     cfg, params = load_hf_model(model_dir)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     cache_len = ids.shape[1] + new_tokens
@@ -99,9 +118,9 @@ def bench_ours(model_dir, ids, mask, pad_id, new_tokens, repeats):
     jax.block_until_ready(pre(params, ids, mask))
     prefill_s, _ = _best(lambda r: jax.block_until_ready(pre(params, ids, mask)), repeats)
     rows = {}
-    for mode in MODES:
-        sp = SamplingParams(greedy=mode == "greedy", temperature=1.0, top_k=0, top_p=1.0)
-        kw = dict(n=1, max_new_tokens=new_tokens, stop_ids=(), pad_id=pad_id, sp=sp)
+    for mode in args.modes:
+        sp = SamplingParams(greedy=mode == "greedy", temperature=args.temperature, top_k=0)
+        kw = dict(n=1, max_new_tokens=new_tokens, stop_ids=stop_ids, pad_id=pad_id, sp=sp)
         key = jax.random.key(0)
         t0 = time.perf_counter()
         compiled = generate.lower(cfg, params, ids, mask, key, **kw).compile()
@@ -111,30 +130,40 @@ def bench_ours(model_dir, ids, mask, pad_id, new_tokens, repeats):
         sec, out = _best(
             lambda r, run=run: jax.block_until_ready(run(jax.random.key(r + 1))), repeats
         )
-        assert int(np.asarray(out.lengths).min()) == new_tokens
-        rows[mode] = dict(sec=sec, compile_s=compile_s, prefill_s=prefill_s)
-    return rows
+        lengths = np.asarray(out.lengths)
+        assert stop_ids or int(lengths.min()) == new_tokens
+        rows[mode] = dict(
+            sec=sec,
+            compile_s=compile_s,
+            prefill_s=prefill_s,
+            tokens=int(lengths.sum()),
+            steps=int(lengths.max()),
+        )
+    return cfg, rows
 
 
-def bench_hf(model_dir, ids, mask, pad_id, new_tokens, repeats, attn, threads):
+def bench_hf(model_dir, ids, mask, pad_id, stop_ids, args, attn, dtype):
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation=attn
+        model_dir, dtype=getattr(torch, dtype), attn_implementation=attn
     ).eval()
     ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    force = not stop_ids
 
     def run(mode, n_new):
-        sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+        sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
         kw = sampling if mode == "sample" else dict(do_sample=False)
         with torch.inference_mode():
             return model.generate(
                 input_ids=ids_t,
                 attention_mask=mask_t,
                 max_new_tokens=n_new,
-                min_new_tokens=n_new,
+                min_new_tokens=n_new if force else 0,
+                eos_token_id=list(stop_ids) or None,
                 pad_token_id=pad_id,
                 **kw,
             )
@@ -144,17 +173,50 @@ def bench_hf(model_dir, ids, mask, pad_id, new_tokens, repeats, attn, threads):
             torch.manual_seed(r)
             return run(mode, n_new)
 
-        return _best(once, repeats)
+        return _best(once, args.repeats)
+
+    def kept_tokens(out):
+        """Per row: tokens up to and including the first stop id (all, if none)."""
+        new = out[:, ids.shape[1] :].numpy()
+        if force:
+            return np.full(len(new), new.shape[1])
+        stop = np.isin(new, stop_ids)
+        first = np.where(stop.any(1), stop.argmax(1) + 1, new.shape[1])
+        return first
 
     rows = {}
     run("greedy", 8)  # warm-up
     prefill_s, _ = timed("greedy", 1)  # generate(max_new_tokens=1) = prefill + one sample
-    for mode in MODES:
+    for mode in args.modes:
         run(mode, 8)  # warm-up
-        sec, out = timed(mode, new_tokens)
-        assert out.shape[1] == ids.shape[1] + new_tokens
-        rows[mode] = dict(sec=sec, prefill_s=prefill_s)
+        sec, out = timed(mode, args.new_tokens)
+        lengths = kept_tokens(out)
+        assert not force or out.shape[1] == ids.shape[1] + args.new_tokens
+        rows[mode] = dict(
+            sec=sec, prefill_s=prefill_s, tokens=int(lengths.sum()), steps=int(lengths.max())
+        )
     return rows
+
+
+def phase_table(cfg, ours, B, P):
+    """Achieved GFLOP/s of our prefill and decode step vs the matmul rate at their shapes."""
+    r = ours.get("sample") or ours["greedy"]
+    pre_flops = B * P * (linear_flops(cfg) + attention_flops(cfg, P / 2)) + B * head_flops(cfg)
+    steps = max(r["steps"] - 1, 1)  # the first token comes from the prefill's logits
+    step_s = (r["sec"] - r["prefill_s"]) / steps
+    ctx = P + r["steps"] / 2
+    step_flops = B * (linear_flops(cfg) + head_flops(cfg) + attention_flops(cfg, ctx))
+    pre_rate, dec_rate = matmul_rate(cfg, B * P, head=False), matmul_rate(cfg, B)
+    print("\nours per phase (sampling)   GFLOP   seconds   GFLOP/s   matmul GFLOP/s   share")
+    for name, flops, sec, peak in (
+        (f"prefill {B}x{P}", pre_flops, r["prefill_s"], pre_rate),
+        (f"decode step ({B} rows)", step_flops, step_s, dec_rate),
+    ):
+        rate = flops / sec / 1e9
+        print(
+            f"{name:<26}{flops / 1e9:>8.1f}{sec:>10.3f}{rate:>10.1f}{peak:>17.1f}"
+            f"{rate / peak:>8.0%}"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,54 +224,67 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model-dir", default=None, help="HF dir; default: convert_gguf output")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--rl-lengths", action="store_true", help="stop at EOS (RL workload)")
+    parser.add_argument("--task", choices=TASKS, default="arith")
+    parser.add_argument("--gsm8k", default="", help="GSM8K jsonl for --task gsm8k")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (min taken)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--attn", default="sdpa,eager", help="transformers attn impls to try")
+    parser.add_argument("--attn", default="sdpa", help="transformers attn impls to try")
+    parser.add_argument("--hf-dtypes", default="float32,bfloat16", help="transformers dtypes")
     parser.add_argument("--skip-hf", action="store_true", help="only our side")
+    parser.add_argument("--modes", default=",".join(MODES), help="sample,greedy or one of them")
     args = parser.parse_args(argv)
+    args.modes = tuple(m for m in MODES if m in args.modes.split(","))
     model_dir = args.model_dir or default_model_dir()
 
-    ids, mask, pad_id = make_prompts(model_dir, args.batch)
-    n_tok = args.batch * args.new_tokens
-    ours = bench_ours(model_dir, ids, mask, pad_id, args.new_tokens, args.repeats)
+    ids, mask, pad_id, stop_ids = make_prompts(model_dir, args.batch, args.task, args.gsm8k)
+    stop_ids = tuple(stop_ids) if args.rl_lengths else ()
+    cfg, ours = bench_ours(model_dir, ids, mask, pad_id, stop_ids, args)
     ours_rss = peak_rss_mb()
     hf = {}
     if not args.skip_hf:
         import gc
 
         gc.collect()
-        for attn in args.attn.split(","):
-            reset = reset_peak_rss()
-            hf[attn] = bench_hf(
-                model_dir, ids, mask, pad_id, args.new_tokens, args.repeats, attn, args.threads
-            )
-            hf[attn]["rss"] = peak_rss_mb() if reset else float("nan")
+        for dtype in args.hf_dtypes.split(","):
+            for attn in args.attn.split(","):
+                reset = reset_peak_rss()
+                rows = bench_hf(model_dir, ids, mask, pad_id, stop_ids, args, attn, dtype)
+                rows["rss"] = peak_rss_mb() if reset else float("nan")
+                hf[f"{attn}, {dtype}"] = rows
 
-    P = ids.shape[1]
-    print(f"model {model_dir}")
-    print(f"batch {args.batch}, prompt {P} tokens (left-padded), {args.new_tokens} new tokens")
-    print(f"fp32 CPU, {os.cpu_count()} cores; tokens/s = batch x new tokens / generate() seconds")
-    head = f"{'impl':<30}{'mode':<8}{'s/generate':>11}{'tokens/s':>10}{'prefill s':>10}"
-    print(head + f"{'compile s':>10}{'peak RSS MB':>13}")
+    B, P = ids.shape
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; model {model_dir}")
+    what = "stop at EOS, at most" if stop_ids else "exactly"
+    print(f"{args.task} prompts: batch {B}, prompt {P} tokens (left-padded), {what} "
+          f"{args.new_tokens} new tokens, temperature {args.temperature}")  # fmt: skip
+    print("tokens/s = tokens kept (up to each row's EOS) / generate() seconds; ours fp32")
+    head = f"{'impl':<40}{'mode':<8}{'s/generate':>11}{'tokens/s':>10}{'mean len':>9}"
+    print(head + f"{'prefill s':>10}{'compile s':>10}{'peak RSS MB':>13}")
 
     def row(label, mode, r, compile_s, rss):
         s = r["sec"]
         print(
-            f"{label:<30}{mode:<8}{s:>11.2f}{n_tok / s:>10.0f}{r['prefill_s']:>10.2f}"
-            f"{compile_s:>10}{rss:>13.0f}"
+            f"{label:<40}{mode:<8}{s:>11.2f}{r['tokens'] / s:>10.0f}{r['tokens'] / B:>9.1f}"
+            f"{r['prefill_s']:>10.2f}{compile_s:>10}{rss:>13.0f}"
         )
 
-    for mode in MODES:
+    for mode in args.modes:
         r = ours[mode]
         row("lorarl_jax (jit, KV cache)", mode, r, f"{r['compile_s']:.1f}", ours_rss)
-        for attn, rows in hf.items():
-            label = f"transformers ({attn}, {args.threads} thr)"
-            row(label, mode, rows[mode], "-", rows["rss"])
+        for name, rows in hf.items():
+            row(f"transformers ({name}, {args.threads} thr)", mode, rows[mode], "-", rows["rss"])
     result = {"ours": ours, "hf": hf}
-    for mode in MODES if hf else ():
-        best = min(rows[mode]["sec"] for rows in hf.values())
-        result[f"ratio_{mode}"] = ratio = best / ours[mode]["sec"]
-        print(f"{mode}: ours / HF (faster attn) tokens/s = {ratio:.2f}x")
+    for mode in args.modes if hf else ():
+        ours_tps = ours[mode]["tokens"] / ours[mode]["sec"]
+        best_name, best = max(
+            ((name, rows[mode]["tokens"] / rows[mode]["sec"]) for name, rows in hf.items()),
+            key=lambda x: x[1],
+        )
+        result[f"ratio_{mode}"] = ratio = ours_tps / best
+        print(f"{mode}: ours / transformers' fastest ({best_name}) tokens/s = {ratio:.2f}x")
+    phase_table(cfg, ours, B, P)
     return result
 
 

@@ -259,8 +259,12 @@ def print_table(args, ours: dict, trl: dict, mem: dict | None = None) -> None:
     """`mem`: ours with model.scan_layers + gradient_checkpointing (the low-memory config)."""
     o, t = statistics.median(ours["step_s"]), statistics.median(trl["step_s"])
     mode = "forced to" if args.force_length else "stop at EOS, max"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_common import cpu_model
+
+    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores")
     print(
-        f"\nGRPO+LoRA step, {args.prompts} prompts × {args.generations} generations, {mode} "
+        f"GRPO+LoRA step, {args.prompts} prompts × {args.generations} generations, {mode} "
         f"{args.max_new_tokens} new tokens, r={args.rank} α={args.alpha}, 7 projections, fp32, CPU"
     )
     hdr = f"{'side':<34}{'median s/step':>14}{'peak RSS GiB':>14}{'mean len':>10}{'reward':>8}"
