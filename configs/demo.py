@@ -28,7 +28,7 @@ def get_config():
         response_bucket=0,
     )
     # micro-batches of one group (8 rows): the same gradient (tests/test_step.py), 1.1 GiB of
-    # XLA temp instead of 4.3, and faster on 2 cores (README "Memory")
+    # XLA temp instead of 4.3, and faster on 2 cores (README "Benchmarks")
     c.algo.update(
         adv_estimator="grpo",
         use_kl_loss=False,

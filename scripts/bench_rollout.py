@@ -2,11 +2,15 @@
 
     HF_HUB_OFFLINE=1 python scripts/convert_gguf.py --model smollm2   # -> $LORARL_CACHE/hf/smollm2
     flock /tmp/bench.lock python scripts/bench_rollout.py [--model-dir DIR] [--batch 32]
-    flock /tmp/bench.lock python scripts/bench_rollout.py --rl-lengths            # demo prompts
+    flock /tmp/bench.lock python scripts/bench_rollout.py --rl-lengths --task demo --batch 4 \
+        --n 8 --new-tokens 48                              # the demo's rollout: 4 prompts x 8
     flock /tmp/bench.lock python scripts/bench_rollout.py --rl-lengths --task gsm8k \
         --gsm8k ../shared/data/gsm8k/train.jsonl --new-tokens 256
 
-Both sides get the same `--batch` chat-templated prompts (left-padded), with temperature
+Both sides get the same `--batch` chat-templated prompts (left-padded), `--n` samples of each
+(GRPO's group: ours shares the prompt's KV cache across the group, and with n > 1 also runs with
+the prompt's keys/values copied into every row, the previous sampler; transformers uses
+`num_return_sequences`, i.e. copies), with temperature
 `--temperature` sampling (no top-k/top-p) and greedy. Default: every row emits exactly
 `--new-tokens` tokens (ours: no stop ids; HF: min_new_tokens = max_new_tokens), so both do the
 same work. `--rl-lengths`: the RL workload, EOS allowed, and tokens/s counts each row's tokens up
@@ -39,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import attention_flops, cpu_model, head_flops, linear_flops, matmul_rate  # noqa: E402
 
 MODES = ("sample", "greedy")
+OURS = "lorarl_jax (jit, KV cache)"
+OURS_PER_ROW = "lorarl_jax (prompt KV copied per row)"
 TASKS = ("arith", "demo", "gsm8k")
 
 
@@ -104,10 +110,9 @@ def bench_ours(model_dir, ids, mask, pad_id, stop_ids, args):
     """stop_ids () = every row runs to --new-tokens. Rows: seconds, kept tokens, decode steps."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from lorarl_jax.model.hf import load_hf_model
-    from lorarl_jax.sampling.sampler import SamplingParams, generate, prefill
+    from lorarl_jax.sampling.sampler import prefill
 
     new_tokens, repeats = args.new_tokens, args.repeats
     cfg, params = load_hf_model(model_dir)
@@ -117,10 +122,25 @@ def bench_ours(model_dir, ids, mask, pad_id, stop_ids, args):
     pre = pre.compile()
     jax.block_until_ready(pre(params, ids, mask))
     prefill_s, _ = _best(lambda r: jax.block_until_ready(pre(params, ids, mask)), repeats)
+    variants = {OURS: True} | ({OURS_PER_ROW: False} if args.n > 1 else {})
+    return cfg, {
+        name: _ours_rows(cfg, params, ids, mask, pad_id, stop_ids, args, prefill_s, share)
+        for name, share in variants.items()
+    }
+
+
+def _ours_rows(cfg, params, ids, mask, pad_id, stop_ids, args, prefill_s, share):
+    import jax
+    import numpy as np
+
+    from lorarl_jax.sampling.sampler import SamplingParams, generate
+
+    new_tokens, repeats = args.new_tokens, args.repeats
     rows = {}
     for mode in args.modes:
         sp = SamplingParams(greedy=mode == "greedy", temperature=args.temperature, top_k=0)
-        kw = dict(n=1, max_new_tokens=new_tokens, stop_ids=stop_ids, pad_id=pad_id, sp=sp)
+        kw = dict(n=args.n, max_new_tokens=new_tokens, stop_ids=stop_ids, pad_id=pad_id, sp=sp)
+        kw["share"] = share
         key = jax.random.key(0)
         t0 = time.perf_counter()
         compiled = generate.lower(cfg, params, ids, mask, key, **kw).compile()
@@ -139,7 +159,7 @@ def bench_ours(model_dir, ids, mask, pad_id, stop_ids, args):
             tokens=int(lengths.sum()),
             steps=int(lengths.max()),
         )
-    return cfg, rows
+    return rows
 
 
 def bench_hf(model_dir, ids, mask, pad_id, stop_ids, args, attn, dtype):
@@ -161,6 +181,7 @@ def bench_hf(model_dir, ids, mask, pad_id, stop_ids, args, attn, dtype):
             return model.generate(
                 input_ids=ids_t,
                 attention_mask=mask_t,
+                num_return_sequences=args.n if mode == "sample" else 1,
                 max_new_tokens=n_new,
                 min_new_tokens=n_new if force else 0,
                 eos_token_id=list(stop_ids) or None,
@@ -185,8 +206,9 @@ def bench_hf(model_dir, ids, mask, pad_id, stop_ids, args, attn, dtype):
         return first
 
     rows = {}
-    run("greedy", 8)  # warm-up
-    prefill_s, _ = timed("greedy", 1)  # generate(max_new_tokens=1) = prefill + one sample
+    first = "sample" if args.n > 1 else "greedy"  # transformers: greedy takes one sequence
+    run(first, 8)  # warm-up
+    prefill_s, _ = timed(first, 1)  # generate(max_new_tokens=1) = prefill + one sample
     for mode in args.modes:
         run(mode, 8)  # warm-up
         sec, out = timed(mode, args.new_tokens)
@@ -198,18 +220,20 @@ def bench_hf(model_dir, ids, mask, pad_id, stop_ids, args, attn, dtype):
     return rows
 
 
-def phase_table(cfg, ours, B, P):
-    """Achieved GFLOP/s of our prefill and decode step vs the matmul rate at their shapes."""
+def phase_table(cfg, ours, B, P, n):
+    """Achieved GFLOP/s of our prefill (B / n prompts) and decode step (B rows) vs the matmul
+    rate at their shapes."""
     r = ours.get("sample") or ours["greedy"]
-    pre_flops = B * P * (linear_flops(cfg) + attention_flops(cfg, P / 2)) + B * head_flops(cfg)
+    Bp = B // n
+    pre_flops = Bp * P * (linear_flops(cfg) + attention_flops(cfg, P / 2)) + Bp * head_flops(cfg)
     steps = max(r["steps"] - 1, 1)  # the first token comes from the prefill's logits
     step_s = (r["sec"] - r["prefill_s"]) / steps
     ctx = P + r["steps"] / 2
     step_flops = B * (linear_flops(cfg) + head_flops(cfg) + attention_flops(cfg, ctx))
-    pre_rate, dec_rate = matmul_rate(cfg, B * P, head=False), matmul_rate(cfg, B)
+    pre_rate, dec_rate = matmul_rate(cfg, Bp * P, head=False), matmul_rate(cfg, B)
     print("\nours per phase (sampling)   GFLOP   seconds   GFLOP/s   matmul GFLOP/s   share")
     for name, flops, sec, peak in (
-        (f"prefill {B}x{P}", pre_flops, r["prefill_s"], pre_rate),
+        (f"prefill {Bp}x{P}", pre_flops, r["prefill_s"], pre_rate),
         (f"decode step ({B} rows)", step_flops, step_s, dec_rate),
     ):
         rate = flops / sec / 1e9
@@ -222,7 +246,8 @@ def phase_table(cfg, ours, B, P):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", default=None, help="HF dir; default: convert_gguf output")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="prompts")
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt (GRPO's group)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rl-lengths", action="store_true", help="stop at EOS (RL workload)")
@@ -236,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", default=",".join(MODES), help="sample,greedy or one of them")
     args = parser.parse_args(argv)
     args.modes = tuple(m for m in MODES if m in args.modes.split(","))
+    if args.n > 1 and "greedy" in args.modes:
+        parser.error("--n > 1 samples: use --modes sample (greedy gives n equal sequences)")
     model_dir = args.model_dir or default_model_dir()
 
     ids, mask, pad_id, stop_ids = make_prompts(model_dir, args.batch, args.task, args.gsm8k)
@@ -254,10 +281,11 @@ def main(argv: list[str] | None = None) -> dict:
                 rows["rss"] = peak_rss_mb() if reset else float("nan")
                 hf[f"{attn}, {dtype}"] = rows
 
-    B, P = ids.shape
+    P, B = ids.shape[1], ids.shape[0] * args.n  # B: rows generated
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; model {model_dir}")
     what = "stop at EOS, at most" if stop_ids else "exactly"
-    print(f"{args.task} prompts: batch {B}, prompt {P} tokens (left-padded), {what} "
+    print(f"{args.task} prompts: {ids.shape[0]} × {args.n} samples, prompt {P} tokens "
+          f"(left-padded), {what} "
           f"{args.new_tokens} new tokens, temperature {args.temperature}")  # fmt: skip
     print("tokens/s = tokens kept (up to each row's EOS) / generate() seconds; ours fp32")
     head = f"{'impl':<40}{'mode':<8}{'s/generate':>11}{'tokens/s':>10}{'mean len':>9}"
@@ -271,20 +299,20 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     for mode in args.modes:
-        r = ours[mode]
-        row("lorarl_jax (jit, KV cache)", mode, r, f"{r['compile_s']:.1f}", ours_rss)
+        for name, rows in ours.items():
+            row(name, mode, rows[mode], f"{rows[mode]['compile_s']:.1f}", ours_rss)
         for name, rows in hf.items():
             row(f"transformers ({name}, {args.threads} thr)", mode, rows[mode], "-", rows["rss"])
     result = {"ours": ours, "hf": hf}
     for mode in args.modes if hf else ():
-        ours_tps = ours[mode]["tokens"] / ours[mode]["sec"]
+        ours_tps = ours[OURS][mode]["tokens"] / ours[OURS][mode]["sec"]
         best_name, best = max(
             ((name, rows[mode]["tokens"] / rows[mode]["sec"]) for name, rows in hf.items()),
             key=lambda x: x[1],
         )
         result[f"ratio_{mode}"] = ratio = ours_tps / best
         print(f"{mode}: ours / transformers' fastest ({best_name}) tokens/s = {ratio:.2f}x")
-    phase_table(cfg, ours, B, P)
+    phase_table(cfg, ours[OURS], B, P, args.n)
     return result
 
 

@@ -172,3 +172,59 @@ def test_growing_cache_greedy_matches_teacher_forced_forward(hf_dir):
     np.testing.assert_array_equal(logits.argmax(-1), np.asarray(r.tokens))
     ref_lp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), seq[:, 7:, None], -1)
     np.testing.assert_allclose(np.asarray(r.logp), ref_lp[..., 0], atol=2e-5)
+
+
+def _shared_and_repeated(cfg, params, tokens, mask, sp, n, max_new, stop_ids=(), lora=None):
+    kw = dict(n=n, max_new_tokens=max_new, stop_ids=stop_ids, pad_id=0, sp=sp, lora=lora)
+    args = (cfg, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(3))
+    if lora is not None:
+        kw["lcfg"] = lora[1]
+        kw["lora"] = lora[0]
+    return S.generate(*args, **kw, share=True), S.generate(*args, **kw, share=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_shared_prompt_cache_samples_what_repeated_rows_sample(kind, hf_dir):
+    """n samples per prompt reading one prompt KV prefix per group (`share_prompt`) draw the same
+    tokens as n copies of the prompt's cache, for the same key: left-padded prompts of unequal
+    length, rows that stop early, a cache that grows twice, sliding-window layers (gemma3)."""
+    cfg, params = load_hf_model(hf_dir(kind))
+    tokens, mask = left_padded_batch(TINY[kind]["vocab_size"], [7, 2, 5], 7, seed=8)
+    sp = S.SamplingParams(temperature=1.0)
+    a, b = _shared_and_repeated(cfg, params, tokens, mask, sp, n=4, max_new=70, stop_ids=(5, 9))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
+    np.testing.assert_allclose(np.asarray(a.logp), np.asarray(b.logp), atol=5e-5)
+    lengths = np.asarray(a.lengths)
+    assert lengths.min() < 32 and lengths.max() > 64  # early stops and two cache growths
+
+
+def test_shared_prompt_cache_greedy_matches_teacher_forced_forward(hf_dir):
+    """Greedy, n = 3 per prompt through the shared prefix: every token is the argmax of one full
+    forward over prompt + completion (gemma3: sliding windows across the prefix boundary)."""
+    cfg, params = load_hf_model(hf_dir("gemma3"))
+    tokens, mask = left_padded_batch(TINY["gemma3"]["vocab_size"], [6, 3], 6, seed=9)
+    sp = S.SamplingParams(greedy=True)
+    r, _ = _shared_and_repeated(cfg, params, tokens, mask, sp, n=3, max_new=40)
+    toks, msk = np.repeat(tokens, 3, 0), np.repeat(mask, 3, 0)
+    seq = np.concatenate([toks, np.asarray(r.tokens)], 1)
+    full = np.concatenate([msk, np.ones((6, 40), np.int32)], 1)
+    logits, _ = Transformer(cfg).apply(
+        {"params": params}, jnp.asarray(seq), positions_from_mask(jnp.asarray(full)), full
+    )
+    np.testing.assert_array_equal(np.asarray(logits)[:, 5:-1].argmax(-1), np.asarray(r.tokens))
+
+
+def test_shared_prompt_cache_with_an_unmerged_adapter(hf_dir):
+    """rollout.merge=never decodes base + adapter: the shared prefix gives the same samples."""
+    from lorarl_jax.model.lora import LoraConfig, init_lora
+
+    cfg, params = load_hf_model(hf_dir("llama"))
+    lcfg = LoraConfig(r=4, lora_alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    lora = init_lora(params, lcfg, jax.random.key(1))
+    lora = jax.tree.map(lambda x: x + 0.05, lora)  # B ≠ 0: the adapter changes the logits
+    tokens, mask = left_padded_batch(TINY["llama"]["vocab_size"], [5, 3], 5, seed=10)
+    sp = S.SamplingParams(temperature=1.0)
+    a, b = _shared_and_repeated(cfg, params, tokens, mask, sp, n=2, max_new=20, lora=(lora, lcfg))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.logp), np.asarray(b.logp), atol=5e-5)

@@ -115,37 +115,71 @@ class Attention(nn.Module):
         # Keys/values as [B, K, S, Dh]: the layout both attention dots read without a transpose,
         # so decode never copies the cache (it would, per layer and step, with [B, S, K, Dh]).
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        offset = 0  # absolute slot of the cache's slot 0 (a shared prompt prefix comes first)
         if cache is None:  # keys are the T tokens themselves, at slots 0..T-1
             keys, values, new_cache = k, v, None
             q_slot_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
         else:  # write the T new keys at each row's slot, attend over the whole cache
             keys = write_cache(cache["k"], k, cache_index_B)
             values = write_cache(cache["v"], v, cache_index_B)
-            new_cache = {"k": keys, "v": values}
+            new_cache = {**cache, "k": keys, "v": values}
+            offset = cache["pmask"].shape[1] if "pmask" in cache else 0
             first_Bx1 = jnp.broadcast_to(cache_index_B, (B,))[:, None]
-            q_slot_BxT = first_Bx1 + jnp.arange(T)[None, :]
-        S = keys.shape[2]
-        k_slot = jnp.arange(S)[None, None, :]
-        allowed_BxTxS = (k_slot <= q_slot_BxT[..., None]) & kv_mask_BxS[:, None, :].astype(bool)
-        if self.sliding and cfg.sliding_window:
-            allowed_BxTxS &= k_slot > q_slot_BxT[..., None] - cfg.sliding_window
-
+            q_slot_BxT = offset + first_Bx1 + jnp.arange(T)[None, :]
+        window = cfg.sliding_window if self.sliding else None
         G = H // K
         q = q.reshape(B, T, K, G, Dh)
-        s_BxKxGxTxS = jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
-        s_BxKxGxTxS = s_BxKxGxTxS * cfg.attn_scale
-        if cfg.attn_logit_softcapping:
-            cap = cfg.attn_logit_softcapping
-            s_BxKxGxTxS = jnp.tanh(s_BxKxGxTxS / cap) * cap
-        s_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], s_BxKxGxTxS, NEG_INF)
-        p = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(cfg.compute_dtype)
-        # [b, k, g, t, d] then transpose: asked for [b, t, k, g, d] directly, XLA:CPU swaps the
-        # operands and runs this dot with a slow generic kernel (~3x the decode attention time)
-        o = jnp.einsum("bkgts,bksd->bkgtd", p, values.astype(p.dtype))
+        k_slot = offset + jnp.arange(keys.shape[2])[None, None, :]
+        allowed = (k_slot <= q_slot_BxT[..., None]) & kv_mask_BxS[:, None, :].astype(bool)
+        s = self._scores(jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(q.dtype)), allowed, window,
+                         k_slot, q_slot_BxT)  # fmt: skip
+        if cache is None or "pmask" not in cache:
+            p = jax.nn.softmax(s, axis=-1).astype(cfg.compute_dtype)
+            # [b, k, g, t, d] then transpose: asked for [b, t, k, g, d] directly, XLA:CPU swaps
+            # the operands and runs this dot with a slow generic kernel (~3x the decode attention)
+            o = jnp.einsum("bkgts,bksd->bkgtd", p, values.astype(p.dtype))
+        else:
+            o = self._with_shared_prefix(q, s, values, cache, q_slot_BxT, window)
         o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * Dh)
         o_bias = cfg.attention_bias and cfg.model_type == "llama"  # Qwen2: q/k/v bias only
         out = _dense(self, "o_proj", cfg.hidden_size, ("q_heads", "embed"), o_bias)(o)
         return out, new_cache
+
+    def _scores(self, s_BxKxGxTxS, allowed_BxTxS, window, k_slot, q_slot_BxT):
+        """Scaled (soft-capped) attention logits, NEG_INF where a key is not visible."""
+        cfg = self.cfg
+        s = s_BxKxGxTxS.astype(jnp.float32) * cfg.attn_scale
+        if cfg.attn_logit_softcapping:
+            cap = cfg.attn_logit_softcapping
+            s = jnp.tanh(s / cap) * cap
+        if window:
+            allowed_BxTxS &= k_slot > q_slot_BxT[..., None] - window
+        return jnp.where(allowed_BxTxS[:, None, None], s, NEG_INF)
+
+    def _with_shared_prefix(self, q_BxTxKxGxD, s_own, values, cache, q_slot_BxT, window):
+        """Attention over a prompt prefix shared by the n consecutive rows of each group
+        (`cache['pk'/'pv']` [B/n, K, P, Dh], `cache['pmask']` [B/n, P]) and each row's own cache:
+        one softmax over both (the same as over the prefix copied into every row), with the
+        prefix's keys and values read once per group instead of once per row."""
+        cfg = self.cfg
+        pk, pv, pmask = cache["pk"], cache["pv"], cache["pmask"]
+        B, T, K, G, Dh = q_BxTxKxGxD.shape
+        Bp, P = pmask.shape
+        n = B // Bp
+        qg = q_BxTxKxGxD.reshape(Bp, n, T, K, G, Dh)
+        s_pre = jnp.einsum("bntkgd,bksd->bkngts", qg, pk.astype(qg.dtype))
+        s_pre = s_pre.transpose(0, 2, 1, 3, 4, 5).reshape(B, K, G, T, P)
+        p_slot = jnp.arange(P)[None, None, :]
+        allowed = jnp.repeat(pmask.astype(bool), n, axis=0)[:, None, :] & (
+            p_slot <= q_slot_BxT[..., None]
+        )
+        s_pre = self._scores(s_pre, allowed, window, p_slot, q_slot_BxT)
+        p = jax.nn.softmax(jnp.concatenate([s_pre, s_own], axis=-1), axis=-1)
+        p = p.astype(cfg.compute_dtype)
+        p_pre = p[..., :P].reshape(Bp, n, K, G, T, P).transpose(0, 2, 1, 3, 4, 5)
+        o_pre = jnp.einsum("bkngts,bksd->bkngtd", p_pre, pv.astype(p.dtype))
+        o_pre = o_pre.transpose(0, 2, 1, 3, 4, 5).reshape(B, K, G, T, Dh)
+        return o_pre + jnp.einsum("bkgts,bksd->bkgtd", p[..., P:], values.astype(p.dtype))
 
 
 class MLP(nn.Module):

@@ -11,7 +11,10 @@ Design
   from a left-padded prompt batch; `insert` copies prefilled rows into slots of a larger state (what
   a JetStream engine needs for continuous batching); `decode_step` advances every slot by one token.
 - `sample` (a `GenerateSpec`: n, max_new_tokens, stop ids, pad id, sampling params) = prefill
-  once per prompt, repeat each row `n` times (no re-prefill per sample), then
+  once per prompt; with n > 1 the n rows of a group share that prompt's keys/values as one
+  prefix (`share_prompt`: attention reads the prompt part of the cache once per group, not n
+  times; one softmax over prefix + own slots, so the same distribution: tested to give the same
+  tokens for the same key), else each row is repeated `n` times (no re-prefill per sample); then
   `lax.while_loop`s of decode steps that stop at `max_new_tokens` or when every row has emitted a
   stop id; the cache grows between loops (`cache_segments`), so attention reads only slots that
   can be filled so far. Sample `i·n + j` is generation j of prompt i (contiguous groups, as GRPO
@@ -256,8 +259,31 @@ def grow_cache(state: DecodeState, length: int) -> DecodeState:
         widths[axis] = (0, extra)
         return jnp.pad(x, widths)
 
-    cache = jax.tree.map(lambda x: pad(x, 2), state.cache)  # [B, K, S, Dh]
+    # each row's own keys/values [B, K, S, Dh]; a shared prompt prefix (pk, pv, pmask) stays
+    cache = [{**c, "k": pad(c["k"], 2), "v": pad(c["v"], 2)} for c in state.cache]
     return state.replace(cache=cache, kv_mask=pad(state.kv_mask, 1))
+
+
+def share_prompt(prompt: DecodeState, mask_BxP, n: int, length: int) -> DecodeState:
+    """n rows per prompt that read the prompt's keys/values from one shared prefix per group
+    (`Attention._with_shared_prefix`) and write their own tokens to a cache of `length` slots:
+    the prompt part of the cache is read once per group at each decode step, not n times."""
+    R, P = mask_BxP.shape[0] * n, mask_BxP.shape[1]
+
+    def rows(c):  # c: the prefilled cache of one layer, [B, K, ≥ P, Dh]
+        B, K, _, Dh = c["k"].shape
+        own = jnp.zeros((B * n, K, length, Dh), c["k"].dtype)
+        pk, pv = c["k"][:, :, :P], c["v"][:, :, :P]  # the prompt's slots [0, P)
+        return {"k": own, "v": own, "pk": pk, "pv": pv, "pmask": mask_BxP}
+
+    return DecodeState(
+        cache=[rows(c) for c in prompt.cache],
+        kv_mask=jnp.zeros((R, length), jnp.int32),
+        index=jnp.zeros((R,), jnp.int32),
+        pos=jnp.repeat(prompt.pos, n),
+        token=jnp.repeat(prompt.token, n),
+        done=jnp.zeros((R,), bool),
+    )
 
 
 def _is_stop(tok_B, stop_ids):
@@ -275,6 +301,7 @@ class GenerateSpec:
     stop_ids: tuple[int, ...]
     pad_id: int
     sampling: SamplingParams
+    share_prompt: bool = True  # n > 1: the prompt's KV cache once per group (same math)
 
 
 def sample(
@@ -294,8 +321,14 @@ def sample(
     B, P = tokens_BxP.shape
     N = spec.max_new_tokens
     ends = cache_segments(N)
+    shared = spec.share_prompt and n > 1
+    base = 0 if shared else P  # cache slot of the first generated token
+    # the same prefill either way (its cache length sets XLA's rounding of the first logits)
     last_logits, state = prefill(cfg, params, tokens_BxP, mask_BxP, P + ends[0], lora, lcfg)
-    state = repeat_rows(state, n)
+    if shared:
+        state = share_prompt(state, mask_BxP.astype(jnp.int32), n, ends[0])
+    else:
+        state = repeat_rows(state, n)
     last_logits = jnp.repeat(last_logits, n, axis=0)
     R = B * n
     k0, key = jax.random.split(key)
@@ -306,7 +339,7 @@ def sample(
 
     def body(carry):
         t, state, out_tok, out_lp, key = carry
-        logits, state = decode_step(cfg, params, state, P + t - 1, lora, lcfg)  # one shared slot
+        logits, state = decode_step(cfg, params, state, base + t - 1, lora, lcfg)  # one slot
         key, sub = jax.random.split(key)
         tok, lp = sample_token(logits, sub, sp)
         tok = jnp.where(state.done, pad_id, tok)
@@ -317,8 +350,8 @@ def sample(
         return t + 1, state, out_tok, out_lp, key
 
     carry = (jnp.int32(1), state, out_tok, out_lp, key)
-    for end in ends:  # step t writes slot P + t − 1, so steps t < end fit a cache of P + end
-        carry = (carry[0], grow_cache(carry[1], P + end), *carry[2:])
+    for end in ends:  # step t writes slot base + t − 1: steps t < end fit a cache of base + end
+        carry = (carry[0], grow_cache(carry[1], base + end), *carry[2:])
         cond = lambda c, end=end: (c[0] < end) & ~jnp.all(c[1].done)  # noqa: E731
         carry = jax.lax.while_loop(cond, body, carry)
     out_tok, out_lp = carry[2], carry[3]
@@ -327,7 +360,8 @@ def sample(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "n", "max_new_tokens", "stop_ids", "pad_id", "sp", "lcfg")
+    jax.jit,
+    static_argnames=("cfg", "n", "max_new_tokens", "stop_ids", "pad_id", "sp", "lcfg", "share"),
 )
 def generate(
     cfg: ModelConfig,
@@ -343,9 +377,10 @@ def generate(
     sp: SamplingParams,
     lora=None,
     lcfg: LoraConfig | None = None,
+    share: bool = True,
 ) -> Rollout:
     """`sample` jitted for one device, with the spec's fields as keywords."""
-    spec = GenerateSpec(n, max_new_tokens, tuple(stop_ids), pad_id, sp)
+    spec = GenerateSpec(n, max_new_tokens, tuple(stop_ids), pad_id, sp, share)
     return sample(cfg, params, tokens_BxP, mask_BxP, key, spec, lora, lcfg)
 
 
