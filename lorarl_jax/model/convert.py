@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from lorarl_jax.model import gguf as gguf_lib
@@ -65,6 +67,10 @@ def convert(gguf_path: Path, out: Path, force: bool = False) -> Path:
     if not force and is_converted(out, gguf_path):
         print(f"{out}: up to date")
         return out
+    from lorarl_jax import process
+
+    if process.torch_hidden():  # the training runtime: transformers here runs without torch
+        return _convert_in_child(gguf_path, out, force)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)  # a crash below leaves the directory incomplete
     cfg = gguf_lib.convert_to_hf_dir(gguf_path, out)
@@ -75,6 +81,20 @@ def convert(gguf_path: Path, out: Path, force: bool = False) -> Path:
     assert loaded.model_type == cfg["model_type"], (loaded.model_type, cfg["model_type"])
     (out / MARKER).write_text(json.dumps(_stamp(gguf_path), indent=2) + "\n")
     print(f"{out}: converted from {gguf_path}")
+    return out
+
+
+def _convert_in_child(gguf_path: Path, out: Path, force: bool) -> Path:
+    """`convert` in a fresh interpreter, where transformers' tokenizer conversion may use torch
+    (`lorarl_jax/process.py` keeps it out of the training process)."""
+    code = (
+        "import sys; from pathlib import Path; from lorarl_jax.model.convert import convert; "
+        "convert(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == '1')"
+    )
+    args = [sys.executable, "-c", code, str(gguf_path), str(out), "1" if force else "0"]
+    r = subprocess.run(args, check=False)
+    if r.returncode != 0:
+        raise OSError(f"converting {gguf_path} into {out} failed (exit {r.returncode}, see above)")
     return out
 
 
