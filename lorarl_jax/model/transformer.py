@@ -177,9 +177,17 @@ class Attention(nn.Module):
         p = jax.nn.softmax(jnp.concatenate([s_pre, s_own], axis=-1), axis=-1)
         p = p.astype(cfg.compute_dtype)
         p_pre = p[..., :P].reshape(Bp, n, K, G, T, P).transpose(0, 2, 1, 3, 4, 5)
-        o_pre = jnp.einsum("bkngts,bksd->bkngtd", p_pre, pv.astype(p.dtype))
+        # both partial sums in fp32, rounded to the compute dtype once: what one dot over all
+        # slots gives (in bf16 two rounded halves would move the sampler off the trainer)
+        f32 = jnp.float32
+        o_pre = jnp.einsum(
+            "bkngts,bksd->bkngtd", p_pre, pv.astype(p.dtype), preferred_element_type=f32
+        )
         o_pre = o_pre.transpose(0, 2, 1, 3, 4, 5).reshape(B, K, G, T, Dh)
-        return o_pre + jnp.einsum("bkgts,bksd->bkgtd", p[..., P:], values.astype(p.dtype))
+        own = jnp.einsum(
+            "bkgts,bksd->bkgtd", p[..., P:], values.astype(p.dtype), preferred_element_type=f32
+        )
+        return (o_pre + own).astype(p.dtype)
 
 
 class MLP(nn.Module):
