@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +25,8 @@ import jax.numpy as jnp
 from lorarl_jax.config import from_config_dict
 from lorarl_jax.rl import setup, trainer
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import cpu_model  # noqa: E402,F401  (bench_bf16_rollout imports it here)
 
 
 class BrokenSync:
