@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import importlib
 import importlib.util
 import os
@@ -31,6 +32,7 @@ import sys
 _M_ARENA_MAX = -8  # glibc malloc.h
 
 
+@functools.cache  # dlopen once: release_free_memory runs every phase
 def _libc():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
