@@ -42,6 +42,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _COMPILE_EVENTS = (
@@ -135,10 +136,14 @@ def bench_ours(args) -> dict:
         wall = time.perf_counter() - t0
         m.update({"wall": wall, "compile": compile_s[0] - c0})
         steps.append(m)
+        shapes = (tb["prompt_tokens"].shape[1], tb["responses"].shape[1])
         print(f"[ours] step {step}: {wall:.2f} s (compile {m['compile']:.2f} s)", flush=True)
     run.logger.close()
     timed = steps[args.warmup :]
     keys = ("time/merge", "time/rollout", "time/reward", "time/logprobs", "time/update")
+    breakdown = {k: statistics.median(m[k] for m in timed) for k in keys}
+    decoded = statistics.median(m["response/length_max"] for m in timed)
+    rates = phase_rates(args, run.static.model_cfg, shapes, decoded, breakdown)
     return {
         "step_s": [m["wall"] - m["compile"] for m in timed],
         "raw_step_s": [m["wall"] for m in timed],
@@ -148,9 +153,54 @@ def bench_ours(args) -> dict:
         "build_s": build_s,
         "length": statistics.mean(m["response/length_mean"] for m in timed),
         "reward": statistics.mean(m["reward/mean"] for m in timed),
-        "breakdown": {k: statistics.median(m[k] for m in timed) for k in keys},
+        "breakdown": breakdown,
+        "phase_rates": rates,
         "peak_rss_gib": peak_rss_gib(),
     }
+
+
+def lora_flops(cfg, r: int) -> int:
+    """FLOPs of the LoRA branches (x·A then ·B) of the 7 projections for one token."""
+    from bench_common import layer_shapes
+
+    return 2 * cfg.num_layers * sum(r * (i + o) for i, o in layer_shapes(cfg))
+
+
+def phase_rates(args, cfg, shapes, decoded: float, breakdown: dict) -> list[tuple]:
+    """(phase, GFLOP, seconds, GFLOP/s, matmul GFLOP/s at the phase's row count) for the rollout,
+    reference log-probs and update, from the shapes the programs ran (padded prompt P, response
+    columns N, `decoded` steps of the longest row) and a matmul rate measured in this process.
+    Counted: linear maps, LM head and attention products (2 FLOPs per multiply-add).
+    - rollout: prefill of the b prompts (P each), then `decoded` steps of all B rows over a
+      context of P + t (merged weights: no LoRA branch).
+    - reference log-probs: the prompt once per group plus B × N response positions through the
+      base (`shared_prompt_logprobs`), the head on the B × N.
+    - update: the prompt once per group plus B × N response positions, forward + backward. The
+      base is frozen, so its backward is dX only (= the forward's FLOPs); the LoRA branches pay
+      forward, dX, dA and dB (3×); the chunked head is recomputed in the backward (3×); the
+      attention products 3×; `gradient_checkpointing` adds one more decoder forward."""
+    from bench_common import attention_flops, head_flops, linear_flops, matmul_rate
+
+    P, N = shapes
+    B, b = args.prompts * args.generations, args.prompts
+    lin, head = linear_flops(cfg), head_flops(cfg)
+    pre = b * P * (lin + attention_flops(cfg, P / 2)) + b * head
+    dec = decoded * B * (lin + head + attention_flops(cfg, P + decoded / 2))
+    fwd_dec = b * P * (lin + attention_flops(cfg, P / 2)) + B * N * (
+        lin + attention_flops(cfg, P + N / 2)
+    )
+    ref = fwd_dec + B * N * head
+    lora = (b * P + B * N) * lora_flops(cfg, args.rank)
+    att = b * P * attention_flops(cfg, P / 2) + B * N * attention_flops(cfg, P + N / 2)
+    upd = 2 * (fwd_dec - att) + 3 * att + 3 * lora + 3 * B * N * head
+    if args.remat:
+        upd += fwd_dec + lora
+    rows = (
+        ("rollout (prefill + decode)", pre + dec, breakdown["time/rollout"], matmul_rate(cfg, B)),
+        ("reference log-probs", ref, breakdown["time/logprobs"], matmul_rate(cfg, B * N)),
+        ("update (fwd + bwd)", upd, breakdown["time/update"], matmul_rate(cfg, B * N)),
+    )
+    return [(name, f / 1e9, s, f / s / 1e9, peak) for name, f, s, peak in rows]
 
 
 def _trl_config(args, total: int):
@@ -259,7 +309,6 @@ def print_table(args, ours: dict, trl: dict, mem: dict | None = None) -> None:
     """`mem`: ours with model.scan_layers + gradient_checkpointing (the low-memory config)."""
     o, t = statistics.median(ours["step_s"]), statistics.median(trl["step_s"])
     mode = "forced to" if args.force_length else "stop at EOS, max"
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_common import cpu_model
 
     print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores")
@@ -292,6 +341,9 @@ def print_table(args, ours: dict, trl: dict, mem: dict | None = None) -> None:
     print("ours per phase (median s): " + ", ".join(
         f"{k.split('/')[1]} {v:.2f}" for k, v in ours["breakdown"].items()
     ))  # fmt: skip
+    print(f"\nours per phase{'':<14}GFLOP   seconds   GFLOP/s   matmul GFLOP/s   share")
+    for name, gflop, sec, rate, peak in ours["phase_rates"]:
+        print(f"{name:<28}{gflop:>6.0f}{sec:>10.2f}{rate:>10.1f}{peak:>17.1f}{rate / peak:>8.0%}")
     print(
         f"TRL: first step {trl['first_step_s']:.1f} s; timed {[round(s, 2) for s in trl['step_s']]}"
     )

@@ -68,7 +68,7 @@ class LoRADense(nn.Module):
             h = x
             if self.lora_dropout > 0.0 and not self.deterministic:
                 h = nn.Dropout(self.lora_dropout)(h, deterministic=False)
-            y = y + (jnp.dot(jnp.dot(h, a), b) * self.lora_scale).astype(self.dtype)
+            y = y + _lora_delta(h, a, b, self.lora_scale).astype(self.dtype)
         return y
 
     def _nf4_leaves(self, shape):
@@ -118,6 +118,35 @@ def _nf4_dot_bwd(dtype, leaves, g):
 
 
 _nf4_dot.defvjp(_nf4_dot_fwd, _nf4_dot_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lora_delta(h, a, b, scale):
+    """`s · (h A) B` over the tokens of `h` [..., in] flattened to rows M, with a hand-written
+    backward (u = s · g Bᵀ [M, r]; dA = (uᵀ h)ᵀ; dB = s · (h A)ᵀ g; dh = u Aᵀ) whose rank-r
+    contractions run on 2-D operands in the orientation XLA:CPU does fastest. Autodiff of the
+    same expression over 3-D activations took ~2× longer (scripts/bench_lora_grad.py)."""
+    return _lora_delta_fwd(h, a, b, scale)[0]
+
+
+def _lora_delta_fwd(h, a, b, scale):
+    h_MxI = h.reshape(-1, h.shape[-1])
+    ha_MxR = jnp.dot(h_MxI, a)
+    y = jnp.dot(ha_MxR, b) * scale
+    return y.reshape(*h.shape[:-1], b.shape[-1]), (h_MxI, ha_MxR, a, b)
+
+
+def _lora_delta_bwd(scale, res, g):
+    h_MxI, ha_MxR, a, b = res
+    g_MxO = g.reshape(-1, g.shape[-1]) * jnp.asarray(scale, g.dtype)
+    u_MxR = jnp.dot(g_MxO, b.T)
+    da = jnp.dot(u_MxR.T, h_MxI).T
+    db = jnp.dot(ha_MxR.T, g_MxO)
+    dh = jnp.dot(u_MxR, a.T).reshape(*g.shape[:-1], a.shape[0])
+    return dh.astype(h_MxI.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def _targets(base_params, cfg: LoraConfig) -> dict[tuple[str, ...], tuple[int, int]]:
