@@ -37,6 +37,24 @@ def attention_flops(cfg, context: float) -> float:
     return 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
 
 
+def prefill_flops(cfg, prompts: int, P: int) -> float:
+    """FLOPs of a prefill of `prompts` prompts of P tokens (causal: each attends to P/2 on
+    average), with the LM head on each prompt's last position."""
+    return prompts * P * (linear_flops(cfg) + attention_flops(cfg, P / 2)) + prompts * head_flops(
+        cfg
+    )
+
+
+def decode_step_flops(cfg, rows: int, context: float) -> float:
+    """FLOPs of one decode step of `rows` rows attending to `context` positions."""
+    return rows * (linear_flops(cfg) + head_flops(cfg) + attention_flops(cfg, context))
+
+
+def lora_flops(cfg, r: int) -> int:
+    """FLOPs of rank-r LoRA branches (x·A then ·B) on a layer's 7 linear maps, one token."""
+    return 2 * cfg.num_layers * sum(r * (i + o) for i, o in layer_shapes(cfg))
+
+
 def matmul_rate(cfg, rows: int, head: bool = True, repeats: int = 5) -> float:
     """GFLOP/s of fp32 `x[rows, in] @ w[in, out]` over one layer's linear shapes (and the LM head),
     each jitted alone, best of `repeats`: the rate XLA reaches on this machine at these shapes."""

@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import attention_flops, cpu_model, head_flops, linear_flops, matmul_rate  # noqa: E402
+from bench_common import cpu_model, decode_step_flops, matmul_rate, prefill_flops  # noqa: E402
 
 MODES = ("sample", "greedy")
 OURS = "lorarl_jax (jit, KV cache)"
@@ -225,11 +225,10 @@ def phase_table(cfg, ours, B, P, n):
     rate at their shapes."""
     r = ours.get("sample") or ours["greedy"]
     Bp = B // n
-    pre_flops = Bp * P * (linear_flops(cfg) + attention_flops(cfg, P / 2)) + Bp * head_flops(cfg)
+    pre_flops = prefill_flops(cfg, Bp, P)
     steps = max(r["steps"] - 1, 1)  # the first token comes from the prefill's logits
     step_s = (r["sec"] - r["prefill_s"]) / steps
-    ctx = P + r["steps"] / 2
-    step_flops = B * (linear_flops(cfg) + head_flops(cfg) + attention_flops(cfg, ctx))
+    step_flops = decode_step_flops(cfg, B, P + r["steps"] / 2)
     pre_rate, dec_rate = matmul_rate(cfg, Bp * P, head=False), matmul_rate(cfg, B)
     print("\nours per phase (sampling)   GFLOP   seconds   GFLOP/s   matmul GFLOP/s   share")
     for name, flops, sec, peak in (

@@ -160,13 +160,6 @@ def bench_ours(args) -> dict:
     }
 
 
-def lora_flops(cfg, r: int) -> int:
-    """FLOPs of the LoRA branches (x·A then ·B) of the 7 projections for one token."""
-    from bench_common import layer_shapes
-
-    return 2 * cfg.num_layers * sum(r * (i + o) for i, o in layer_shapes(cfg))
-
-
 def phase_rates(args, cfg, shapes, decoded: float, breakdown: dict) -> list[tuple]:
     """(phase, GFLOP, seconds, GFLOP/s, matmul GFLOP/s at the phase's row count) for the rollout,
     reference log-probs and update, from the shapes the programs ran (padded prompt P, response
@@ -180,26 +173,32 @@ def phase_rates(args, cfg, shapes, decoded: float, breakdown: dict) -> list[tupl
       base is frozen, so its backward is dX only (= the forward's FLOPs); the LoRA branches pay
       forward, dX, dA and dB (3×); the chunked head is recomputed in the backward (3×); the
       attention products 3×; `gradient_checkpointing` adds one more decoder forward."""
-    from bench_common import attention_flops, head_flops, linear_flops, matmul_rate
+    from bench_common import (
+        attention_flops,
+        decode_step_flops,
+        head_flops,
+        linear_flops,
+        lora_flops,
+        matmul_rate,
+        prefill_flops,
+    )
 
     P, N = shapes
     B, b = args.prompts * args.generations, args.prompts
-    lin, head = linear_flops(cfg), head_flops(cfg)
-    pre = b * P * (lin + attention_flops(cfg, P / 2)) + b * head
-    dec = decoded * B * (lin + head + attention_flops(cfg, P + decoded / 2))
-    fwd_dec = b * P * (lin + attention_flops(cfg, P / 2)) + B * N * (
-        lin + attention_flops(cfg, P + N / 2)
-    )
-    ref = fwd_dec + B * N * head
-    lora = (b * P + B * N) * lora_flops(cfg, args.rank)
+    head = head_flops(cfg)
     att = b * P * attention_flops(cfg, P / 2) + B * N * attention_flops(cfg, P + N / 2)
-    upd = 2 * (fwd_dec - att) + 3 * att + 3 * lora + 3 * B * N * head
+    lin = (b * P + B * N) * linear_flops(cfg)  # the prompt once per group, then the responses
+    lora = (b * P + B * N) * lora_flops(cfg, args.rank)
+    rollout = prefill_flops(cfg, b, P) + decoded * decode_step_flops(cfg, B, P + decoded / 2)
+    ref = lin + att + B * N * head
+    upd = 2 * lin + 3 * att + 3 * lora + 3 * B * N * head
     if args.remat:
-        upd += fwd_dec + lora
+        upd += lin + att + lora
+    train_rate = matmul_rate(cfg, B * N)  # the reference and the update run the same rows
     rows = (
-        ("rollout (prefill + decode)", pre + dec, breakdown["time/rollout"], matmul_rate(cfg, B)),
-        ("reference log-probs", ref, breakdown["time/logprobs"], matmul_rate(cfg, B * N)),
-        ("update (fwd + bwd)", upd, breakdown["time/update"], matmul_rate(cfg, B * N)),
+        ("rollout (prefill + decode)", rollout, breakdown["time/rollout"], matmul_rate(cfg, B)),
+        ("reference log-probs", ref, breakdown["time/logprobs"], train_rate),
+        ("update (fwd + bwd)", upd, breakdown["time/update"], train_rate),
     )
     return [(name, f / 1e9, s, f / s / 1e9, peak) for name, f, s, peak in rows]
 
