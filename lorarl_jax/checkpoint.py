@@ -2,10 +2,11 @@
 
 Design:
 - One orbax ``CheckpointManager``; each step directory holds one composite item per state field:
-  ``lora``, ``opt_state``, ``critic``, ``critic_opt_state`` (``StandardSave``: arrays, OCDBT),
-  ``rng`` (raw ``jax.random.key_data``), and JSON items ``meta`` (``step``, RNG impl name),
-  ``data_state`` (the grain iterator state) and ``kl_ctl`` (adaptive KL controller). The frozen base
-  weights are never in the state dict: they are re-loaded from the HF checkpoint on resume.
+  ``lora`` (full-parameter RL: ``params``, the whole policy), ``opt_state``, ``critic``,
+  ``critic_opt_state`` (``StandardSave``: arrays, OCDBT), ``rng`` (raw ``jax.random.key_data``),
+  and JSON items ``meta`` (``step``, RNG impl name), ``data_state`` (the grain iterator state)
+  and ``kl_ctl`` (adaptive KL controller). The frozen base weights are never in the state
+  dict: they are re-loaded from the HF checkpoint on resume.
 - Restore is always into an abstract target (``jax.ShapeDtypeStruct`` trees carrying ``sharding``,
   e.g. ``jax.tree.map(ocp.utils.to_shape_dtype_struct, live_state)``): the tree structure (optax
   NamedTuples), dtypes and device placement come from the target, not from the files.
@@ -40,9 +41,11 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-ARRAY_ITEMS = ("lora", "opt_state", "critic", "critic_opt_state")  # pytrees of arrays
+# pytrees of arrays; the trainable tree is `lora` (an adapter) or `params` (full-parameter RL)
+ARRAY_ITEMS = ("lora", "params", "opt_state", "critic", "critic_opt_state")
 JSON_ITEMS = ("data_state", "kl_ctl")  # small JSON dicts
-REQUIRED = ("lora", "opt_state", "step", "rng")
+REQUIRED = ("opt_state", "step", "rng")
+TRAINABLE = ("lora", "params")  # exactly one of them
 
 
 def _is_key(x: Any) -> bool:
@@ -61,8 +64,9 @@ def _abstract_key_data(rng: Any) -> jax.ShapeDtypeStruct:
 class Checkpointer:
     """Saves/restores the trainable state dict every ``save_interval_steps`` steps.
 
-    The state dict has keys ``lora``, ``opt_state``, ``step`` (int), ``rng`` (typed key) and
-    optionally ``critic``, ``critic_opt_state``, ``data_state``, ``kl_ctl`` (JSON dicts).
+    The state dict has keys ``lora`` (or, full-parameter RL, ``params``), ``opt_state``,
+    ``step`` (int), ``rng`` (typed key) and optionally ``critic``, ``critic_opt_state``,
+    ``data_state``, ``kl_ctl`` (JSON dicts).
     """
 
     def __init__(
@@ -101,6 +105,8 @@ class Checkpointer:
         the background (call ``wait`` before reading the files, or before exiting).
         """
         missing = [k for k in REQUIRED if k not in state]
+        if sum(k in state for k in TRAINABLE) != 1:
+            missing.append(" or ".join(TRAINABLE) + " (exactly one)")
         unknown = set(state) - set(REQUIRED) - set(ARRAY_ITEMS) - set(JSON_ITEMS)
         if missing or unknown:
             raise KeyError(f"state keys: missing {missing}, unknown {sorted(unknown)}")

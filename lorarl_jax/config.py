@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from typing import Any
 
 from lorarl_jax.config_ranges import RANGES, check_range
@@ -22,6 +23,9 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
+    """The adapter's shape. `r = 0` (verl's `lora_rank: 0`) is full-parameter RL: no adapter,
+    every base parameter selected by the `full` group is trained (`rl/policy.py`)."""
+
     r: int = 16
     lora_alpha: float = 32.0
     target_modules: tuple[str, ...] = LINEAR_NAMES
@@ -29,10 +33,12 @@ class LoraConfig:
     use_rslora: bool = False
 
     def __post_init__(self):
-        if self.r <= 0:
-            raise ValueError(f"lora.r must be positive, got {self.r}")
+        if self.r < 0:
+            raise ValueError(f"lora.r must be >= 0 (0: full-parameter RL), got {self.r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.r == 0 and self.lora_dropout:
+            raise ValueError("lora.lora_dropout drops the adapter's input; lora.r=0 has no adapter")
         tm = self.target_modules
         if isinstance(tm, str):
             tm = (tm,)
@@ -49,8 +55,33 @@ class LoraConfig:
         object.__setattr__(self, "target_modules", tuple(n for n in LINEAR_NAMES if n in tm))
 
     @property
+    def full(self) -> bool:
+        """Full-parameter RL: no adapter (`r = 0`)."""
+        return self.r == 0
+
+    @property
     def scale(self) -> float:
+        if self.full:
+            return 0.0
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullCfg:
+    """Which base parameters full-parameter RL (`lora.r=0`) trains, as big_vision's
+    `trainable` / `frozen` patterns: regular expressions searched in each parameter's tree path
+    joined by "/" (e.g. `layers_3/mlp/up_proj/kernel`, `embed_tokens/embedding`). A parameter is
+    trained when it matches `trainable` ("" matches all) and does not match `frozen`."""
+
+    trainable: str = ""
+    frozen: str = ""
+
+    def __post_init__(self):
+        for key in ("trainable", "frozen"):
+            try:
+                re.compile(getattr(self, key))
+            except re.error as e:
+                raise ValueError(f"full.{key}={getattr(self, key)!r} is not a regex: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +231,7 @@ class TrainerCfg:
 class RunConfig:
     model: ModelOptions
     lora: LoraConfig
+    full: FullCfg
     rollout: RolloutCfg
     algo: AlgoCfg
     critic: CriticCfg
@@ -212,6 +244,7 @@ class RunConfig:
 _GROUPS = {
     "model": ModelOptions,
     "lora": LoraConfig,
+    "full": FullCfg,
     "rollout": RolloutCfg,
     "algo": AlgoCfg,
     "critic": CriticCfg,
@@ -289,6 +322,7 @@ def from_config_dict(cd) -> RunConfig:
     a, data = cfg.algo, cfg.data
     if a.reference == "init_adapter" and not cfg.init_adapter_path:
         raise ValueError("algo.reference='init_adapter' needs lora.init_adapter_path")
+    _check_full(cfg)
     if data.reward_weights and len(data.reward_weights) != len(data.reward_fns):
         raise ValueError("data.reward_weights must have one weight per data.reward_fns entry")
     tc = cfg.trainer
@@ -318,6 +352,23 @@ def from_config_dict(cd) -> RunConfig:
     )
     batch_sizes(cfg)  # the batch arithmetic, checked once here
     return cfg
+
+
+def _check_full(cfg: RunConfig) -> None:
+    """lora.r=0 (full-parameter RL) against the keys that only make sense with an adapter."""
+    if not cfg.lora.full:
+        if cfg.full.trainable or cfg.full.frozen:
+            raise ValueError("full.trainable / full.frozen select parameters for lora.r=0 only")
+        return
+    if cfg.model.quantization != "none":
+        raise ValueError(
+            f"model.quantization={cfg.model.quantization!r} with lora.r=0: a quantized base is "
+            "frozen, so full-parameter RL cannot train it (QLoRA needs lora.r >= 1)"
+        )
+    if cfg.init_adapter_path:
+        raise ValueError("lora.init_adapter_path is a PEFT adapter; lora.r=0 trains no adapter")
+    if cfg.rollout.merge != "auto":
+        raise ValueError("rollout.merge: lora.r=0 has no adapter to merge; leave it at 'auto'")
 
 
 def _check_dapo(a: AlgoCfg, rc: RolloutCfg) -> None:

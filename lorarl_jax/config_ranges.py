@@ -14,7 +14,7 @@ import re
 # keys. Keys with a cross-key rule (e.g. algo.micro_batch_size divides the mini-batch) are
 # checked again where both values are known.
 RANGES = {
-    ("lora", "r"): "int [1, inf)",
+    ("lora", "r"): "int [0, inf)",
     ("lora", "lora_alpha"): "(0, inf)",
     ("lora", "lora_dropout"): "[0, 1)",
     ("rollout", "num_generations"): "int [1, inf)",

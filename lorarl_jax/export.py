@@ -3,7 +3,8 @@
 A run writes `run_config.json` (the validated RunConfig) once its checks pass (`run_dir.py`);
 export rebuilds the adapter's abstract tree from it and the base model's shapes, restores only
 the `lora` item of the orbax checkpoint, and writes it through the same HF name table as the
-trainer's final export.
+trainer's final export. A full-parameter run (`lora.r=0`) restores its `params` item instead
+and exports it as a HF model (`--merged`).
 """
 
 from __future__ import annotations
@@ -52,10 +53,31 @@ def restore_adapter(run_dir: str, step: int | None, base, rc: dict | None = None
     return jax.tree.map(jnp.asarray, restored["lora"]), lcfg, restored["step"]
 
 
+def restore_params(run_dir: str, step: int | None, base):
+    """The `params` item of a full-parameter run's checkpoint (`lora.r=0`), shaped as the base
+    → (params, step)."""
+    abstract = jax.eval_shape(lambda: base)
+    ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), save_interval_steps=1, max_to_keep=None)
+    try:
+        restored = ckpt.restore(step, abstract_state={"params": abstract, "rng": jax.random.key(0)})
+    finally:
+        ckpt.close()
+    return restored["params"], restored["step"]
+
+
 def export_checkpoint(run_dir: str, step: int | None, peft_dir: str | None, merged_dir: str | None):
     rc = read_run_config(run_dir)
     model_dir = rc["resolved_model_path"]
     cfg, base = hf.load_hf_model(model_dir, **base_quantization(rc))
+    if rc["lora"]["r"] == 0:  # full-parameter RL: the trained model itself, no adapter
+        if peft_dir:
+            raise ValueError(
+                f"{run_dir} is a full-parameter run (lora.r=0): no adapter to "
+                "export; use --merged for the trained HF model"
+            )
+        params, at = restore_params(run_dir, step, base)
+        hf.save_hf_model(params, merged_dir, src_dir=model_dir)
+        return at
     lora, lcfg, at = restore_adapter(run_dir, step, base, rc)
     if peft_dir:
         hf.save_peft_adapter(jax.device_get(lora), lcfg, peft_dir, base_model=model_dir)

@@ -51,7 +51,7 @@ def main(argv):
     from lorarl_jax.rl.trainer import train
 
     summary = train(from_config_dict(_CONFIG.value))
-    keep = ("val_", "adapter", "curves")
+    keep = ("val_", "adapter", "model", "curves")
     print(json.dumps({k: v for k, v in summary.items() if k.startswith(keep)}, indent=1))
 
 

@@ -32,6 +32,7 @@ ARTEFACTS = (
     "summary.json",
     "curves.png",
     "adapter",
+    "model",  # full-parameter RL's exported HF model
     "tb",
     "ckpt",
     "val_samples_step*.jsonl",

@@ -8,8 +8,8 @@ HF checkpoint (`~/.cache/lorarl_jax/hf/<model>`), then one GRPO step as the trai
 rollout with `sampling.sampler.generate` (LoRA: on merged weights; QLoRA: NF4 base + adapter
 unmerged, `rollout.merge=auto`; full: on the policy itself), reference log-probs
 (`compute_logprobs` on the base / the reference copy), GRPO advantages of random rewards, and one
-policy update with our loss (`make_policy_step` for LoRA/QLoRA; `full_step` below for full
-fine-tuning: the same `policy_loss_fn`, gradients w.r.t. every base weight, an unmasked AdamW).
+policy update with the trainer's `make_policy_step` (full: `lora.r=0`'s step, gradients w.r.t.
+every base weight, AdamW over all of them, as `python -m lorarl_jax.main --config.lora.r=0` runs).
 Prompts are random token ids and every completion runs to `--new-tokens` (no stop id), so all
 modes do the same work.
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import functools
 import json
 import os
 import subprocess
@@ -81,29 +80,6 @@ def qlora_available() -> bool:
     return "quantization" in {f.name for f in dataclasses.fields(ModelConfig)}
 
 
-def full_step(cfg, algo, tx, temperature: float, n: int):
-    """Full fine-tuning: `jit(step(params, opt_state, batch, key))`, gradients w.r.t. every base
-    weight through the same loss as the LoRA step (`policy_loss_fn` with no adapter)."""
-    import jax
-    import optax
-
-    from lorarl_jax.model.lora import LoraConfig
-    from lorarl_jax.rl.step import policy_loss_fn
-
-    loss_fn = functools.partial(
-        policy_loss_fn, None, cfg=cfg, lcfg=LoraConfig(), algo=algo, temperature=temperature, n=n
-    )
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, batch, key):
-        (loss, metrics), grads = grad_fn(params, batch, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-
 def _program(compiled) -> dict:
     m = compiled.memory_analysis()
     out = {
@@ -127,13 +103,12 @@ def compile_case(model: str, case_mode: str, args):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import optax
 
-    from lorarl_jax.config import AlgoCfg, OptimCfg
+    from lorarl_jax.config import AlgoCfg, FullCfg, OptimCfg
     from lorarl_jax.model.config import load_config
     from lorarl_jax.model.lora import LoraConfig, init_lora, merge
     from lorarl_jax.model.transformer import abstract_params
-    from lorarl_jax.rl import advantages
+    from lorarl_jax.rl import advantages, policy
     from lorarl_jax.rl import step as step_lib
     from lorarl_jax.sampling.sampler import SamplingParams, generate
 
@@ -148,9 +123,10 @@ def compile_case(model: str, case_mode: str, args):
     algo = AlgoCfg(logprob_chunk=C)  # GRPO, low_var_kl loss (coef 0.001), token-mean
     c = types.SimpleNamespace(mode=mode, cfg=cfg, lcfg=lcfg, runtime=runtime, merge=None)
     c.base_abs = nn.unbox(abstract_params(cfg))
-    if mode == "full":
-        c.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(OptimCfg().lr))
-        train_abs, step = c.base_abs, full_step(cfg, algo, c.tx, 1.0, n)
+    if mode == "full":  # the trainer's lora.r=0 step: every parameter trained (rl/policy.py)
+        labels = policy.param_labels(c.base_abs, FullCfg())
+        c.tx = step_lib.make_optimizer(OptimCfg(), 10, labels)
+        train_abs, step = c.base_abs, step_lib.make_policy_step(cfg, None, algo, c.tx, 1.0, n)
     else:
         c.tx = step_lib.make_optimizer(OptimCfg(), 10)
         train_abs = jax.eval_shape(lambda: init_lora(c.base_abs, lcfg, jax.random.key(0)))
@@ -173,7 +149,9 @@ def compile_case(model: str, case_mode: str, args):
     c.logprobs = c.logprobs.compile()
     batch["ref_logp"] = S((R, N), f32)
     opt_abs = jax.eval_shape(c.tx.init, train_abs)
-    s_abs = (train_abs, opt_abs) + (() if mode == "full" else (c.base_abs,)) + (batch, key)
+    # full mode: the base argument is the reference copy, which the step does not read (jit
+    # prunes it, so the step's XLA memory is the policy's alone)
+    s_abs = (train_abs, opt_abs, c.base_abs, batch, key)
     c.step = step.lower(*s_abs).compile()
     adv = lambda r_R, mask: advantages.compute_advantages(  # noqa: E731
         "grpo", jnp.zeros((R, N)).at[:, -1].set(r_R), mask, groups=n
@@ -238,11 +216,8 @@ def run_case(model: str, case_mode: str, args) -> dict:
         b = {"prompt_tokens": prompts, "prompt_mask": pmask, "responses": out.tokens,
              "response_mask": out.mask, "advantages": c.advantages(rewards, out.mask)}  # fmt: skip
         b["ref_logp"] = phase("logprobs", c.logprobs(ref, None, b)[0])
-        if c.mode == "full":
-            trainable, opt_state, loss = c.step(trainable, opt_state, b, key)
-        else:
-            trainable, opt_state, m = c.step(trainable, opt_state, base, b, key)
-            loss = m["actor/loss"]
+        trainable, opt_state, m = c.step(trainable, opt_state, ref, b, key)
+        loss = m["actor/loss"]
         return phase("update", (trainable, opt_state, float(loss)))
 
     for _ in range(2):  # the second step runs with every buffer pool already grown

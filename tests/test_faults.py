@@ -688,6 +688,8 @@ def test_a_non_finite_adapter_is_never_checkpointed():
             raise AssertionError("a NaN adapter reached the checkpointer")
 
     lora = {"a": jnp.ones(3), "b": jnp.array([0.0, jnp.nan])}
-    run = types.SimpleNamespace(ckpt=Refuse(), state=types.SimpleNamespace(step=4, lora=lora))
+    run = types.SimpleNamespace(
+        ckpt=Refuse(), state=types.SimpleNamespace(step=4, lora=lora, full=False)
+    )
     with pytest.raises(RunStopped, match="step 4: the adapter holds NaN/inf; not checkpointed"):
         save_checkpoint(run)

@@ -6,11 +6,13 @@ Each program is a pure function of `model/`, `sampling/` or `rl/` jitted here wi
 needs them on the host:
 
   merge(base, lora) → DecodeWeights        W + s·A·B laid out for decode (rollout.merge), or the
-                                           base and adapter passed through unmerged
+                                           base and adapter passed through unmerged (full-
+                                           parameter mode: the trained params as they are)
   generate(w, prompts, mask, key, spec)    `sampler.sample` for a `GenerateSpec` (static): the
                                            rollout spec or the greedy evaluation spec
   logprobs(base, lora, batch)              π_old: (logp, entropy) of the sampled responses
-  ref_logprobs(base, batch)                π_ref: the base with a zero adapter delta
+  ref_logprobs(base, batch)                π_ref: the base with a zero adapter delta (full mode:
+                                           the frozen initial weights, rl/policy.py)
   policy_step(lora, opt, base, mb, key)    `step.make_policy_step`: value_and_grad w.r.t. the
                                            adapter, AdamW masked to it, lora/opt donated
   critic_values / critic_update            PPO only (`rl/critic.py`)
@@ -29,6 +31,7 @@ import jax
 
 from lorarl_jax.distributed import to_host
 from lorarl_jax.rl import critic as critic_lib
+from lorarl_jax.rl import policy as policy_lib
 from lorarl_jax.rl import step as step_lib
 from lorarl_jax.rl.logprobs import batch_logprobs
 from lorarl_jax.rl.sharding import Placement
@@ -60,8 +63,11 @@ class Programs:
 
 
 def _merge(static: Static, place: Placement):
-    """`rollout.merge`: merged weights (laid out for decode) or base + adapter unmerged."""
+    """`rollout.merge`: merged weights (laid out for decode) or base + adapter unmerged; full
+    mode: the policy's parameters as they are (`rl/policy.py`)."""
     cfg, model_cfg, lcfg = static.cfg, static.model_cfg, static.lcfg
+    if static.full:
+        return lambda base, params: rollout_weights.DecodeWeights(model_cfg, params)
     merged, why = rollout_weights.resolve_merge(cfg.rollout.merge, model_cfg)
     quiet = model_cfg.quantization == "none" and not rollout_weights.low_precision(model_cfg)
     if not quiet or cfg.rollout.merge != "auto":
@@ -100,8 +106,14 @@ def _logprobs(static: Static, place: Placement):
         n=static.rollout.n, temperature=static.temperature, chunk=static.cfg.algo.logprob_chunk
     )
     cfg, repl = static.model_cfg, place.replicated
+    lcfg = static.lcfg
+
+    def policy_logprobs(base, lora, b):
+        params, adapter = policy_lib.forward_variables(lcfg, base, lora)
+        return batch_logprobs(cfg, lcfg, params, adapter, b, **kw)
+
     policy = jax.jit(
-        lambda base, lora, b: batch_logprobs(cfg, static.lcfg, base, lora, b, **kw),
+        policy_logprobs,
         in_shardings=(place.base, place.lora, place.batch),
         out_shardings=repl,
     )
@@ -149,9 +161,10 @@ def _critic(static: Static, place: Placement, spec: CriticSpec):
 
 
 def build_programs(
-    static: Static, place: Placement, tx, critic: CriticSpec | None = None
+    static: Static, place: Placement, tx, critic: CriticSpec | None = None, labels=None
 ) -> Programs:
-    """Every program of the run (module docstring); nothing is compiled until first called."""
+    """Every program of the run (module docstring); nothing is compiled until first called.
+    `labels`: full-parameter mode's TRAIN / FREEZE tree (`rl/policy.py`)."""
     sizes, algo = static.sizes, static.cfg.algo
     policy_step = step_lib.make_policy_step(
         static.model_cfg,
@@ -162,6 +175,7 @@ def build_programs(
         static.rollout.n,
         sizes.n_micro,
         shardings=place.step_shardings(),
+        labels=labels,
     )
     logprobs, ref_logprobs = _logprobs(static, place)
     critic_values = critic_update = None

@@ -32,7 +32,7 @@ from lorarl_jax.model.load import LoadedModel, load_model
 from lorarl_jax.model.lora import init_lora, lora_logical_axes
 from lorarl_jax.model.transformer import abstract_params
 from lorarl_jax.rl import critic as critic_lib
-from lorarl_jax.rl import kl_control
+from lorarl_jax.rl import kl_control, policy
 from lorarl_jax.rl import sharding as shard_lib
 from lorarl_jax.rl import step as step_lib
 from lorarl_jax.rl.guards import RunStopped, adapter_absmax
@@ -95,6 +95,8 @@ def _load_model(cfg: RunConfig, mesh) -> LoadedModel:
 
 def _init_adapter(cfg: RunConfig, model_cfg, base, key, mesh):
     lcfg = cfg.lora
+    if lcfg.full:  # the policy starts as a copy of the base, which stays as the reference
+        return jax.tree.map(jnp.copy, base), lcfg
     if cfg.init_adapter_path:
         lora, lcfg = hf.load_peft_adapter(cfg.init_adapter_path)
         lora = jax.tree.map(jnp.asarray, lora)
@@ -222,8 +224,12 @@ def build(cfg: RunConfig) -> Run:
     data_iter, val_ex, n_over = _prompts(cfg, loaded.tokenizer, pad_id, reward)
     _check_mesh(static, mesh, bool(val_ex))
 
-    tx = step_lib.make_optimizer(cfg.optim, static.sizes.total_updates)
-    place = shard_lib.make_placement(mesh, loaded.cfg, base, lora, tx, lcfg.scale)
+    labels = None
+    if lcfg.full:
+        labels = policy.param_labels(base, cfg.full)
+        policy.check_labels(labels, cfg.full)
+    tx = step_lib.make_optimizer(cfg.optim, static.sizes.total_updates, labels)
+    place = shard_lib.make_placement(mesh, loaded.cfg, base, lora, tx, lcfg.scale, lcfg.full)
     critic_spec, critic_state = None, (None, None)
     if a.adv_estimator == "gae":  # full-parameter critic: an NF4 base is dequantized for it
         dense = quant.dequantize_params(base, loaded.cfg.param_dtype)
@@ -232,9 +238,11 @@ def build(cfg: RunConfig) -> Run:
             loaded.cfg.dense, dense, k_update, ctx, mesh
         )
         critic_spec, critic_state = CriticSpec(ctx, c_psh, c_osh), (c_params, c_opt)
-    programs = build_programs(static, place, tx, critic_spec)
+    programs = build_programs(static, place, tx, critic_spec, labels)
     kl_ctl = _kl_controller(a)
-    state = TrainState(lora, programs.init_opt_state(lora), rng, 0, kl_ctl.value, *critic_state)
+    state = TrainState(
+        lora, programs.init_opt_state(lora), rng, 0, kl_ctl.value, *critic_state, full=lcfg.full
+    )
     ckpt = _checkpointer(cfg, state)
     ref_lora = jax.tree.map(jnp.copy, lora) if a.reference == "init_adapter" else None
     run = Run(
@@ -295,13 +303,15 @@ def save_checkpoint(run: Run, force: bool = False) -> None:
     if run.ckpt is None or not (force or run.ckpt.should_save(state.step)):
         return
     if not math.isfinite(adapter_absmax(state.lora)):  # only when this step is written
-        raise RunStopped(f"step {state.step}: the adapter holds NaN/inf; not checkpointed")
+        what = "the policy's parameters hold" if state.full else "the adapter holds"
+        raise RunStopped(f"step {state.step}: {what} NaN/inf; not checkpointed")
     run.ckpt.save(state.step, state.checkpoint_items(run.data_iter.get_state()), force=force)
 
 
 def export_final(run: Run) -> dict:
-    """Waits for checkpoints, exports the PEFT adapter and the curves PNG."""
-    tc = run.static.cfg.trainer
+    """Waits for checkpoints, exports the PEFT adapter (full mode: the HF model, `model/`) and
+    the curves PNG."""
+    tc, static = run.static.cfg.trainer, run.static
     out = {}
     if run.ckpt is not None:
         run.ckpt.close()
@@ -309,9 +319,13 @@ def export_final(run: Run) -> dict:
     run.logger.close()
     if not distributed.is_primary():
         return out
-    if tc.export_adapter:
+    if tc.export_adapter and static.full:
+        path = os.path.join(tc.output_dir, "model")
+        hf.save_hf_model(lora, path, src_dir=static.model_dir)
+        out["model"] = path
+    elif tc.export_adapter:
         path = os.path.join(tc.output_dir, "adapter")
-        hf.save_peft_adapter(lora, run.static.lcfg, path, base_model=run.static.model_dir)
+        hf.save_peft_adapter(lora, static.lcfg, path, base_model=static.model_dir)
         out["adapter"] = path
     png = os.path.join(tc.output_dir, "curves.png")
     if plot_metrics(os.path.join(tc.output_dir, "metrics.jsonl"), png):

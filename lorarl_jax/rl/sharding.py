@@ -4,7 +4,8 @@ Design
 - A `Placement` holds the mesh and one `NamedSharding` tree per state: the frozen base as loaded
   (`mesh.LOGICAL_RULES`), the adapter (each A / B takes its kernel's in / out axis, the rank is
   replicated), the optimizer state (adapter-shaped moments sharded as the adapter, step counters
-  replicated) and the merged weights that the sampler reads (`mesh.DECODE_RULES`).
+  replicated) and the merged weights that the sampler reads (`mesh.DECODE_RULES`). Full-parameter
+  RL: the trainable parameters, their moments and the decoded weights are sharded as the base.
 - Every batch array is split over ('data', 'fsdp') along its first dimension, so prompts, rows,
   mini-batches and micro-batches must divide by data × fsdp: `check_batch_sizes` says which config
   key does not, once at start-up.
@@ -112,11 +113,17 @@ def opt_state_shardings(tx, params, params_sh, mesh: Mesh):
     )
 
 
-def make_placement(mesh: Mesh, model_cfg, base, lora, tx, scale: float) -> Placement:
-    """Shardings of a run whose base and adapter are already on `mesh` (see rl/setup.py)."""
+def make_placement(
+    mesh: Mesh, model_cfg, base, lora, tx, scale: float, full: bool = False
+) -> Placement:
+    """Shardings of a run whose base and adapter are already on `mesh` (see rl/setup.py). In
+    full-parameter mode (`full`: `lora` is the policy's parameters, sharded as the base) the
+    sampler decodes them as they are trained (no merge, no second layout)."""
     base_sh = jax.tree.map(lambda x: x.sharding, base)
     lora_sh = jax.tree.map(lambda x: x.sharding, lora)
     opt_sh = opt_state_shardings(tx, lora, lora_sh, mesh)
+    if full:
+        return Placement(mesh, base_sh, lora_sh, opt_sh, lora_sh)
     dtype = model_cfg.compute_dtype  # of the dequantized layers of an NF4 base
     merged = jax.eval_shape(lambda b, lo: merge(b, lo, scale, dtype), base, lora)
     decode = _decode_shardings(model_cfg.dense, merged, mesh)

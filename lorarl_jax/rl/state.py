@@ -5,8 +5,9 @@ Design (nanodo's split):
   adapter's own, also when a PEFT adapter was loaded: one source for rank and scale), the model
   config, the tokenizer, the batch sizes (`config.batch_sizes`) and the two generation specs
   (rollout and greedy evaluation; `rollout.sampling.temperature` is the τ of every log-prob).
-- `TrainState` is a pytree of everything the run updates and a checkpoint saves: the adapter,
-  its optimizer state, the root PRNG key, the step, the KL-in-reward coefficient and the critic
+- `TrainState` is a pytree of everything the run updates and a checkpoint saves: the adapter
+  (with `lora.r=0` the policy's parameters, saved as the `params` item: `rl/policy.py`), its
+  optimizer state, the root PRNG key, the step, the KL-in-reward coefficient and the critic
   (PPO). `checkpoint_items` / `from_checkpoint_items` map it to the items of `checkpoint.py`
   (plus the data iterator's position, which the iterator owns); nothing else is saved, and the
   frozen base never is.
@@ -42,8 +43,13 @@ class Static:
     evaluation: GenerateSpec  # greedy, one sample per prompt
 
     @property
-    def lcfg(self) -> LoraConfig:
-        return self.cfg.lora
+    def lcfg(self) -> LoraConfig | None:
+        """The adapter's config; None in full-parameter mode (`lora.r=0`: nothing to apply)."""
+        return None if self.cfg.lora.full else self.cfg.lora
+
+    @property
+    def full(self) -> bool:
+        return self.cfg.lora.full
 
     @property
     def temperature(self) -> float:
@@ -58,13 +64,19 @@ def split_root(rng) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 @flax.struct.dataclass
 class TrainState:
-    lora: Any  # the adapter: {..., 'lora_a', 'lora_b'} leaves on the mesh
-    opt_state: Any  # AdamW state, masked to the adapter
+    lora: Any  # the trainable tree on the mesh: the adapter, or (full mode) the policy's params
+    opt_state: Any  # AdamW state, masked to the trainable leaves
     rng: jax.Array  # the root key (typed); see split_root
     step: int = flax.struct.field(pytree_node=False, default=0)  # RL steps done
     kl_coef: float = flax.struct.field(pytree_node=False, default=0.0)  # KL-in-reward β
     critic_params: Any = None  # PPO: {'backbone', 'value_head'}
     critic_opt_state: Any = None
+    full: bool = flax.struct.field(pytree_node=False, default=False)  # lora.r=0
+
+    @property
+    def trainable_item(self) -> str:
+        """The checkpoint item holding `lora`: "lora" (an adapter) or "params" (full mode)."""
+        return "params" if self.full else "lora"
 
     def rollout_key(self, step: int) -> jax.Array:
         return jax.random.fold_in(split_root(self.rng)[1], step)
@@ -76,7 +88,7 @@ class TrainState:
     def checkpoint_items(self, data_state: dict) -> dict:
         """The state dict `checkpoint.Checkpointer.save` writes."""
         items = {
-            "lora": self.lora,
+            self.trainable_item: self.lora,
             "opt_state": self.opt_state,
             "step": self.step,
             "rng": self.rng,
@@ -90,7 +102,7 @@ class TrainState:
     def from_checkpoint_items(self, items: dict) -> TrainState:
         """This state with every field restored from `Checkpointer.restore`'s dict."""
         return self.replace(
-            lora=items["lora"],
+            lora=items[self.trainable_item],
             opt_state=items["opt_state"],
             rng=items["rng"],
             step=int(items["step"]),

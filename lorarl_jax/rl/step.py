@@ -1,11 +1,13 @@
-"""The jitted policy update: gradients w.r.t. the adapter subtree only, masked optax optimizer.
+"""The jitted policy update: gradients w.r.t. the trainable tree only, masked optax optimizer.
 
 `make_policy_step` builds one function `step(lora, opt_state, base, batch, key)`:
-- `jax.value_and_grad` is taken w.r.t. `lora` alone; `base` is a plain (non-differentiated)
-  argument, so no base-sized gradient is ever materialised.
-- The optimizer (`make_optimizer`) is built over the adapter tree: AdamW with warmup + constant or
-  cosine schedule, global-norm clipping, and an `optax.masked` wrapper whose mask marks the adapter
-  leaves (the `lora_a` / `lora_b` leaves) as trainable, so state is 2 × adapter size + counters.
+- `jax.value_and_grad` is taken w.r.t. `lora` alone (the adapter; with `lora.r=0` the whole
+  policy's parameters, `rl/policy.py`); `base` is a plain (non-differentiated) argument, so in
+  LoRA mode no base-sized gradient is ever materialised.
+- The optimizer (`make_optimizer`) is built over the trainable tree: AdamW with warmup + constant
+  or cosine schedule, global-norm clipping, and an `optax.masked` wrapper whose mask marks the
+  adapter leaves (the `lora_a` / `lora_b` leaves) as trainable, so state is 2 × adapter size +
+  counters; in full mode AdamW on the parameters `full.*` selects, zero updates on the rest.
 - Each prompt is run once for its n samples (`shared_prompt_logprobs`); the batch is split into
   micro-batches of whole groups, accumulated with `lax.scan`. Every loss term is divided by the
   whole mini-batch's denominator (tokens, sequences or Dr.GRPO's B·C, `minibatch_denominators`)
@@ -32,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lorarl_jax.config import AlgoCfg, OptimCfg
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.lora import LoraConfig
-from lorarl_jax.rl import losses, rollout_corr
+from lorarl_jax.rl import losses, policy, rollout_corr
 from lorarl_jax.rl.logprobs import batch_logprobs, shared_prompt_logprobs
 
 
@@ -65,8 +67,11 @@ def adamw(cfg: OptimCfg, total_steps: int) -> optax.GradientTransformation:
     )
 
 
-def make_optimizer(cfg: OptimCfg, total_steps: int) -> optax.GradientTransformation:
-    """The policy's optimizer: `adamw` masked to the adapter leaves."""
+def make_optimizer(cfg: OptimCfg, total_steps: int, labels=None) -> optax.GradientTransformation:
+    """The policy's optimizer: `adamw` masked to the adapter leaves; in full mode (`labels`:
+    `policy.param_labels` of the base) to the parameters labelled TRAIN."""
+    if labels is not None:
+        return policy.masked_optimizer(adamw(cfg, total_steps), labels)
     return optax.masked(adamw(cfg, total_steps), trainable_mask)
 
 
@@ -93,19 +98,33 @@ def minibatch_denominators(batch, algo: AlgoCfg) -> dict[str, jax.Array]:
 
 
 def policy_loss_fn(
-    lora, base, mb, key, denoms, *, cfg, lcfg, algo: AlgoCfg, temperature: float, n: int
+    lora,
+    base,
+    mb,
+    key,
+    denoms,
+    *,
+    cfg,
+    lcfg,
+    algo: AlgoCfg,
+    temperature: float,
+    n: int,
+    labels=None,
 ):
     """Loss and metrics of one micro-batch: `prompt_tokens`/`prompt_mask` [b, P] and the b·n
     rows of `responses`, `response_mask`, `advantages`, (`old_logp`, `ref_logp`,
     `sampler_logp`) [b·n, N]. Every term is divided by the whole mini-batch's `denoms`, so the
     micro-batch losses, gradients and metrics (except `*_max`) add up to the mini-batch's.
-    Optional `loss_rows` [b·n]: 0 takes a row out of every loss term (`loss_mask`)."""
-    use_dropout = lcfg.lora_dropout > 0
+    Optional `loss_rows` [b·n]: 0 takes a row out of every loss term (`loss_mask`).
+    `lcfg` None: full-parameter mode, `lora` is the policy's parameters (`rl/policy.py`), whose
+    `labels` FREEZE leaves get no gradient."""
+    use_dropout = lcfg is not None and lcfg.lora_dropout > 0
+    params, adapter = policy.forward_variables(lcfg, base, policy.stop_frozen(lora, labels))
     logp, ent = shared_prompt_logprobs(
         cfg,
         lcfg,
-        base,
-        lora,
+        params,
+        adapter,
         mb["prompt_tokens"],
         mb["prompt_mask"],
         mb["responses"],
@@ -230,6 +249,7 @@ def make_policy_step(
     n: int,
     n_micro: int = 1,
     shardings=None,
+    labels=None,
 ):
     """Returns jitted `step(lora, opt_state, base, batch, key) → (lora, opt_state, metrics)`.
 
@@ -237,9 +257,16 @@ def make_policy_step(
     keeps whole groups, so prompts are still computed once per group). `shardings`: the
     `(lora, opt_state, base, batch)` shardings (`rl/sharding.py`), which the step keeps: the
     updated adapter and optimizer state come out as they went in (donated, updated in place),
-    each micro-batch stays split over the batch axes, key and metrics are replicated."""
+    each micro-batch stays split over the batch axes, key and metrics are replicated.
+    `lcfg` None: full-parameter mode, `labels` its TRAIN / FREEZE leaves (`rl/policy.py`)."""
     loss_fn = functools.partial(
-        policy_loss_fn, cfg=cfg, lcfg=lcfg, algo=algo, temperature=temperature, n=n
+        policy_loss_fn,
+        cfg=cfg,
+        lcfg=lcfg,
+        algo=algo,
+        temperature=temperature,
+        n=n,
+        labels=labels,
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     jit_kw, micro_sh = {}, None
