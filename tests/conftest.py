@@ -6,6 +6,24 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole session (and the trainer subprocesses it starts): most
+# tests compile the same tiny-model programs from fresh closures, which `jax.jit`'s in-memory
+# cache cannot share. A fresh directory per session, so every run (CI included) starts cold;
+# one per pytest-xdist worker (`-n 2`), so no two processes write one entry.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or "LORARL_TEST_XLA_CACHE" in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    if "LORARL_TEST_XLA_CACHE" not in os.environ:  # this process owns (and removes) the root
+        os.environ["LORARL_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="lorarl_jax_xla_cache_")
+        atexit.register(shutil.rmtree, os.environ["LORARL_TEST_XLA_CACHE"], True)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ["LORARL_TEST_XLA_CACHE"], worker
+    )
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest

@@ -149,8 +149,9 @@ def test_invalid_configs_raise_clear_errors():
         LoraConfig(target_modules=("q_proj", "lm_head"))
     with pytest.raises(ValueError, match="target_modules"):
         LoraConfig(target_modules=())
-    with pytest.raises(ValueError, match="lora.r must be positive"):
-        LoraConfig(r=0)
+    with pytest.raises(ValueError, match=r"lora.r must be >= 0 \(0: full-parameter RL\), got -1"):
+        LoraConfig(r=-1)
+    assert LoraConfig(r=0).full and LoraConfig(r=0).scale == 0.0
     with pytest.raises(ValueError, match="lora_dropout"):
         LoraConfig(lora_dropout=1.0)
 
