@@ -63,6 +63,20 @@ def release_free_memory() -> bool:
     return True
 
 
+def peak_rss_gib() -> float | None:
+    """The process's peak resident set so far (Linux `VmHWM`, GiB; None elsewhere). The trainer
+    logs it after each phase (`perf/peak_rss_*_gib`): the first phase where it reaches its final
+    value is where the process peaks."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
 # what the runtime imports that would import torch if it could (tensorboardX: metrics.py)
 _TORCH_OPTIONAL = ("transformers.configuration_utils", "transformers.models.auto", "tensorboardX")
 

@@ -61,6 +61,17 @@ def test_configure_malloc_sets_one_arena_unless_the_user_chose():
     assert _py(code, LORARL_MALLOC="0") == "False"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/status")
+def test_peak_rss_gib_is_the_high_water_mark():
+    code = (
+        "import numpy as np; from lorarl_jax import process; a = process.peak_rss_gib(); "
+        "x = np.ones(2**28 // 8); del x; b = process.peak_rss_gib(); "  # 256 MiB touched, freed
+        "print(round(a, 3), round(b - a, 3))"
+    )
+    before, grew = map(float, _py(code).split())
+    assert 0.01 < before < 2 and 0.2 < grew < 0.3, (before, grew)  # stays after the free
+
+
 def test_transformers_configs_and_tokenizers_load_without_importing_torch(tiny_model_dir):
     code = (
         "import sys; from lorarl_jax import process; ok = process.import_without_torch(); "

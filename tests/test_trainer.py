@@ -31,6 +31,16 @@ def test_smoke_config_runs_end_to_end(tiny_model_dir, tmp_path):
     steps = [x["step"] for x in lines if "reward/mean" in x]
     assert steps == [1, 2]
     assert all(np.isfinite(x["actor/loss"]) for x in lines if "actor/loss" in x)
+    if sys.platform == "linux":  # the peak RSS so far after each phase: never decreasing (but
+        # for the kernel's per-CPU RSS counters, which VmHWM reads: ~0.1 MiB of slack)
+        peaks = [
+            x[f"perf/peak_rss_{p}_gib"]
+            for x in lines
+            for p in ("eval", "rollout", "update")
+            if f"perf/peak_rss_{p}_gib" in x
+        ]
+        assert len(peaks) == 2 + 2 * 2 and 0.1 < peaks[0] < 8, peaks
+        assert all(b > a - 0.01 for a, b in zip(peaks[:-1], peaks[1:], strict=True)), peaks
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "adapter" / "adapter_config.json").exists()
     assert (out / "curves.png").exists()

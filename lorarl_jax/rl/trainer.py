@@ -247,6 +247,7 @@ def run_eval(run: Run, state: TrainState, step: int) -> dict[str, float]:
         pad_multiple=static.cfg.data.pad_multiple,
     )
     metrics["time/eval"] = time.perf_counter() - t0
+    _peak(metrics, "eval")
     if not distributed.is_primary():
         return metrics
     path = os.path.join(static.cfg.trainer.output_dir, f"val_samples_step{step}.jsonl")
@@ -254,6 +255,13 @@ def run_eval(run: Run, state: TrainState, step: int) -> dict[str, float]:
         for r in records[:50]:
             f.write(json.dumps(r) + "\n")
     return metrics
+
+
+def _peak(metrics: dict, phase: str) -> None:
+    """`perf/peak_rss_{phase}_gib`: the process's peak RSS so far, read as `phase` ends."""
+    gib = process.peak_rss_gib()
+    if gib is not None:
+        metrics[f"perf/peak_rss_{phase}_gib"] = gib
 
 
 def train(cfg: RunConfig) -> dict:
@@ -306,8 +314,10 @@ def _loop(run: Run) -> dict:
         t0 = time.perf_counter()
         batch = next(run.data_iter)
         state, tb, metrics = rollout_step(run, state, batch, step)
+        _peak(metrics, "rollout")
         state, um = update(run, state, tb, step)
         metrics.update(um)
+        _peak(metrics, "update")
         metrics["actor/adapter_absmax"] = adapter_absmax(state.lora)
         gate.check(step, metrics)
         samples = int(metrics.get("data/gen_samples", len(tb["responses"])))
