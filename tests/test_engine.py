@@ -6,6 +6,7 @@ adapter merged in; the reference is `generate` on the same merged weights.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -152,6 +153,111 @@ def test_engine_api_continuous_batching_equals_generate(policy):
     ref = reference(policy, [tok.hf.encode(p) for p in PROMPTS])
     assert [out[i] for i in range(len(PROMPTS))] == ref
     assert steps < sum(len(r) + 1 for r in ref)  # slots decoded concurrently
+
+
+SPLITS = [(1, 20), (7, 14), (20, 1), (5, 7, 9), (16, 1, 4)]  # chunk sizes of a 21-token prompt
+
+
+def _tiny_policy(hf_dir, kind):
+    """A tiny random model of `kind` (conftest.TINY) as a served policy; stop id 0."""
+    d = hf_dir(kind)
+    cfg, params = hf.load_hf_model(d)
+    return serve.Policy(cfg, params, d, d, stop_ids=(0,), adapter="none")
+
+
+def _prefill_chunks(engine, params, chunks, prefix=None):
+    """Each chunk padded as JetStream pads it, appended to the prefix of the chunks before."""
+    from jetstream.engine import token_utils
+
+    for ids in chunks:
+        padded, n = token_utils.pad_tokens(
+            np.asarray(ids, np.int32), 0, 0, is_bos=False,
+            max_prefill_length=engine.max_prefill_length, jax_padding=False,
+        )  # fmt: skip
+        prefix = engine.prefill(
+            params=params, existing_prefix=prefix, padded_tokens=padded, true_length=n
+        )
+    return prefix
+
+
+def _decode(engine, params, prefixes, stop_ids):
+    """Inserts the prefixes into slots 0, 1, … and runs max_target_length generate steps; the
+    tokens per slot, cut before the first stop id (as `reference` cuts)."""
+    state = engine.init_decode_state()
+    for slot, prefix in enumerate(prefixes):
+        state = engine.insert(prefix, state, slot)
+    steps = []
+    for _ in range(engine.max_target_length):
+        state, result = engine.generate(params, state)
+        steps.append(np.asarray(result.data[:, 0]))
+    out = []
+    for row in np.stack(steps, axis=1)[: len(prefixes)].tolist():
+        cut = [i for i, t in enumerate(row) if t in stop_ids]
+        out.append(row[: cut[0]] if cut else row)
+    return out
+
+
+def _assert_same_prefill(got, one, n):
+    """Same positions, pending token, valid slots, and keys/values of the n cached tokens."""
+    for field in ("pos", "index", "token", "kv_mask"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(one, field))
+    cached = lambda state: jax.tree.map(lambda x: x[:, :, :n], state.cache)  # noqa: E731
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4)
+    jax.tree.map(close, cached(got), cached(one))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_prefix_caching_equals_one_prefill(request, hf_dir, kind):
+    """A 21-token prompt prefilled in 2 or 3 chunks, each appended to the prefix of the chunks
+    before (`existing_prefix`), gives the one-prefill state and decodes the greedy tokens of one
+    prefill, which are `generate`'s. One 16-token prefix extended by two different 5-token
+    continuations serves both (it is not mutated). Llama: the served tiny Llama + adapter
+    (conftest's `TINY` Llama has weights so small that its output ignores the context);
+    Gemma 3: conftest's tiny one, whose local layers see 4 tokens, far fewer than the prompt."""
+    if kind == "llama":
+        policy = request.getfixturevalue("policy")
+    else:
+        policy = _tiny_policy(hf_dir, kind)
+        assert policy.cfg.sliding_window == 4 and policy.cfg.layer_is_sliding(0)
+    V = policy.cfg.vocab_size
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, V, 21).tolist()
+    other = prompt[:16] + rng.integers(1, V, 5).tolist()
+    engine = serve.make_engine(policy, slots=8, max_prefill_length=PREFILL, max_target_length=N)
+    params = engine.load_params()
+
+    whole = _prefill_chunks(engine, params, [prompt])
+    assert int(whole.pos[0]) == int(whole.index[0]) == 20 and int(whole.token[0]) == prompt[-1]
+    for sizes in SPLITS:
+        chunks = np.split(np.asarray(prompt), np.cumsum(sizes)[:-1])
+        _assert_same_prefill(_prefill_chunks(engine, params, chunks), whole, 20)
+    chained = [_prefill_chunks(engine, params, [prompt[:s], prompt[s:]]) for s in (1, 7, 20)]
+    chained.append(_prefill_chunks(engine, params, [prompt[:5], prompt[5:12], prompt[12:]]))
+    base = _prefill_chunks(engine, params, [prompt[:16]])
+    branches = [_prefill_chunks(engine, params, [p[16:]], prefix=base) for p in (prompt, other)]
+    out = _decode(engine, params, [whole, *chained, *branches], policy.stop_ids)
+    early = [(t % (V - 1)) + 1 for t in prompt[:8]] + prompt[8:]  # another first chunk
+    ref = reference(policy, [prompt, other, early])
+    assert ref[0] != ref[1] and ref[0] != ref[2] and len(ref[0]) >= 3  # the context matters
+    assert out == [ref[0]] * 5 + ref[:2]
+
+
+def test_prefix_caching_capacity_error(policy):
+    """The whole prompt, prefix included, must fit max_prefill_length: one token more is a
+    ValueError. The largest prompt that fits equals one prefill and decodes `generate`'s tokens
+    (its last pass, 16 wide from slot 9, runs past the 22-slot cache: a clamped write would
+    shift the keys onto the prefix's slots)."""
+    engine = serve.make_engine(policy, slots=1, max_prefill_length=16, max_target_length=N)
+    params = engine.load_params()
+    prompt = np.random.default_rng(1).integers(1, policy.cfg.vocab_size, 17).tolist()
+    prefix = _prefill_chunks(engine, params, [prompt[:10]])
+    full = _prefill_chunks(engine, params, [prompt[10:16]], prefix=prefix)
+    _assert_same_prefill(full, _prefill_chunks(engine, params, [prompt[:16]]), 15)
+    with pytest.raises(ValueError, match=r"prefix's 16 tokens \+ 1 new ones exceed max_prefill_"):
+        _prefill_chunks(engine, params, [prompt[16:]], prefix=full)
+    with pytest.raises(ValueError, match="max_prefill_length=16"):
+        _prefill_chunks(engine, params, [prompt[10:]], prefix=prefix)
+    assert _decode(engine, params, [full], policy.stop_ids) == reference(policy, [prompt[:16]])
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""JetStream `Engine` over the sampler's prefill / insert / decode_step primitives.
+"""JetStream `Engine` over the sampler's insert / decode_step primitives, with prefix caching.
 
 Design
 - Params are plain (merged) weights, `Transformer(cfg)` without an adapter collection: the trained
@@ -9,9 +9,22 @@ Design
   that token as the slot's next input; the first `generate` step after `insert` feeds it and emits
   the first new token. Every emitted token thus comes from one decode step, and greedy output
   equals `sampler.generate`'s (which takes the first token from the prompt pass).
-- JetStream pads prompts on the right to a bucket (16, 32, …, max_prefill_length); the sampler
-  wants left padding. The prompt is on the host anyway (a few ints), so it is re-padded there and
-  the jitted prefill compiles once per bucket.
+- The cache is laid out compactly: a prompt's cached tokens sit at slots 0, 1, … (slot = RoPE
+  position), so `index == pos` = number of cached tokens. One pure function, `append`, does every
+  prompt pass: it feeds the pending token plus all new tokens but the last in one forward pass at
+  slots index … (right-padded to JetStream's bucket: one compilation per bucket, the index is
+  traced), marks only the real slots valid, and makes the last new token the pending one. A fresh
+  prefill is `append` on an empty state whose pending token is the prompt's first token.
+- Prefix caching (`existing_prefix`, a `Prefix` from an earlier `prefill`): the new
+  `padded_tokens[:true_length]` are appended after it, attending to its cached keys; the result
+  is what one prefill of the concatenated prompt gives (tested, sliding windows included: real
+  slots have no gaps, so slot distances are token distances). The prefix is not donated, so one
+  prefix can be extended by several continuations. The whole prompt, prefix included, must fit
+  max_prefill_length (a ValueError otherwise), which keeps max_target_length cache slots for
+  decoding; the check reads the prefix's length back from the device (one scalar). Right padding
+  writes keys into slots past the prompt that stay invalid and are overwritten before use; the
+  cache is padded by the pass width during the pass, so a write near its end is never clamped
+  onto real slots.
 - The decode state is a `sampler.DecodeState` with one row per slot and a cache of
   max_prefill_length + max_target_length slots, plus each slot's count of generated tokens and a
   PRNG key (split every step: explicit, no hidden RNG). Rows are independent (`decode_step` with a
@@ -36,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorarl_jax.model.config import ModelConfig
+from lorarl_jax.model.transformer import Transformer, init_cache
 from lorarl_jax.sampling import sampler
 from lorarl_jax.sampling.jetstream_compat import ensure_importable
 
@@ -55,11 +69,58 @@ class EngineState:
     key: jax.Array  # PRNG key, split every generate step
 
 
+def empty(cfg: ModelConfig, rows: int, cache_len: int, token_B) -> sampler.DecodeState:
+    """Nothing cached yet; `token_B` pending (it goes to slot 0, RoPE position 0)."""
+    return sampler.DecodeState(
+        cache=init_cache(cfg, rows, cache_len),
+        kv_mask=jnp.zeros((rows, cache_len), jnp.int32),
+        index=jnp.zeros((rows,), jnp.int32),
+        pos=jnp.zeros((rows,), jnp.int32),
+        token=jnp.asarray(token_B, jnp.int32),
+        done=jnp.zeros((rows,), bool),
+    )
+
+
+def append(cfg: ModelConfig, params, state: sampler.DecodeState, new_1xW, m):
+    """Caches the pending token and new[:m−1] of a one-row state in one pass; new[m−1] becomes
+    the pending token (m = 0: nothing changes but invalid slots).
+
+    The W inputs [pending, new_0, …, new_{W−2}] run at cache slots i … i+W−1 and RoPE positions
+    pos … pos+W−1 (i = state.index, = pos). Keys valid: the cached ones plus slots [i, i+m); the
+    model's causal rule (key slot ≤ query slot) does the rest. Slots [i+m, i+W) get padding keys
+    that stay invalid. The cache gets W extra slots for the pass and is cut back after:
+    `dynamic_update_slice` clamps a write that runs past the end, which would shift it onto the
+    real slots.
+    """
+    W = new_1xW.shape[1]
+    S = state.kv_mask.shape[1]
+    i = state.index[0]
+    tokens_1xW = jnp.concatenate([state.token[:, None], new_1xW[:, :-1]], axis=1)
+    slot = jnp.arange(S + W)
+    added_1xSW = ((slot >= i) & (slot < i + m)).astype(jnp.int32)[None]
+    kv_mask = jnp.pad(state.kv_mask, ((0, 0), (0, W))) | added_1xSW
+    cache = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, W), (0, 0))), state.cache)
+    positions_1xW = state.pos[:, None] + jnp.arange(W)[None]
+    _, cache = Transformer(cfg).apply(
+        {"params": params}, tokens_1xW, positions_1xW, kv_mask, cache, i, return_hidden=True
+    )
+    last = jnp.where(m > 0, new_1xW[:, jnp.maximum(m - 1, 0)], state.token)
+    return state.replace(
+        cache=jax.tree.map(lambda x: x[:, :, :S], cache),
+        kv_mask=kv_mask[:, :S],
+        index=state.index + m,
+        pos=state.pos + m,
+        token=last,
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def _prefill(cfg, cache_len, params, tokens_1xP, mask_1xP, last_1):
-    _, state = sampler.prefill(cfg, params, tokens_1xP, mask_1xP, cache_len)
-    # pos: RoPE position of `last` = number of prompt tokens before it (also when there are none)
-    return state.replace(token=last_1, pos=mask_1xP.sum(-1).astype(jnp.int32))
+def _prefill(cfg, cache_len, params, first_1, new_1xW, m):
+    return append(cfg, params, empty(cfg, 1, cache_len, first_1), new_1xW, m)
+
+
+# not donated: one prefix may be extended by several continuations
+_extend = jax.jit(append, static_argnames=("cfg",))
 
 
 @functools.partial(jax.jit, donate_argnums=(1,))
@@ -82,6 +143,12 @@ def _generate(cfg, sp, params, state: EngineState, max_target: int):
         data=data_Bx3, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3), samples_per_slot=1
     )
     return EngineState(dec, generated, key), result
+
+
+def _right_pad(ids, width: int):
+    tokens_1xW = np.zeros((1, width), np.int32)
+    tokens_1xW[0, : ids.size] = ids
+    return tokens_1xW
 
 
 class HFTokenizer(tokenizer_api.Tokenizer):
@@ -183,22 +250,24 @@ class LoraEngine(engine_api.Engine):
         return self._params
 
     def prefill(self, *, params, existing_prefix=None, padded_tokens, true_length: int):
-        if existing_prefix is not None:
-            raise NotImplementedError("prefix caching (existing_prefix) is not supported")
+        """A one-row `DecodeState` (the `Prefix`): the prompt but its last token cached, the last
+        one pending. With `existing_prefix`, the tokens are appended to that prefix's prompt."""
         padded = np.asarray(padded_tokens).reshape(-1)
         ids = padded[: min(int(true_length), padded.size)]  # JetStream may have left-truncated
-        ids = ids[ids != NO_BOS]
-        if ids.size == 0:
-            raise ValueError("empty prompt")
-        P = padded.size  # JetStream's bucket: one compilation per bucket
-        tokens_1xP = np.zeros((1, P), np.int32)
-        mask_1xP = np.zeros((1, P), np.int32)
-        n = ids.size - 1  # every prompt token but the last goes through the prompt pass
-        if n:
-            tokens_1xP[0, P - n :] = ids[:-1]
-            mask_1xP[0, P - n :] = 1
-        last_1 = np.asarray(ids[-1:], np.int32)
-        return _prefill(self.cfg, self.cache_len, params, tokens_1xP, mask_1xP, last_1)
+        ids = ids[ids != NO_BOS].astype(np.int32)
+        W = padded.size  # JetStream's bucket: one compilation per bucket
+        if existing_prefix is None:
+            if ids.size == 0:
+                raise ValueError("empty prompt")
+            new_1xW = _right_pad(ids[1:], W)
+            return _prefill(self.cfg, self.cache_len, params, ids[:1], new_1xW, ids.size - 1)
+        cached = int(jax.device_get(existing_prefix.index)[0])
+        if cached + 1 + ids.size > self._max_prefill:
+            raise ValueError(
+                f"prefix caching: the prefix's {cached + 1} tokens + {ids.size} new ones exceed "
+                f"max_prefill_length={self._max_prefill} (the rest of the cache is for decoding)"
+            )
+        return _extend(self.cfg, params, existing_prefix, _right_pad(ids, W), ids.size)
 
     def insert(self, prefix, decode_state: EngineState, slot: int) -> EngineState:
         return _insert(prefix, decode_state, jnp.int32(slot))
@@ -207,18 +276,9 @@ class LoraEngine(engine_api.Engine):
         return _generate(self.cfg, self.sampling, params, decode_state, self.max_target_length)
 
     def init_decode_state(self, *args, **kwargs) -> EngineState:
-        """All slots empty: zeros shaped like a prefill state with `slots` rows."""
-        P = PREFILL_BUCKETS[0]
-        one = jax.eval_shape(
-            functools.partial(_prefill, self.cfg, self.cache_len),
-            self._params,
-            jax.ShapeDtypeStruct((1, P), jnp.int32),
-            jax.ShapeDtypeStruct((1, P), jnp.int32),
-            jax.ShapeDtypeStruct((1,), jnp.int32),
-        )
-        dec = jax.tree.map(lambda s: jnp.zeros((self.slots,) + s.shape[1:], s.dtype), one)
+        """All slots empty: `slots` rows shaped like a prefill's state."""
         return EngineState(
-            dec=dec,
+            dec=empty(self.cfg, self.slots, self.cache_len, jnp.zeros((self.slots,), jnp.int32)),
             generated=jnp.zeros((self.slots,), jnp.int32),
             key=jax.random.key(self.seed),
         )
