@@ -311,3 +311,36 @@ def test_rows_out_of_the_loss_are_as_if_absent(setup, mode, policy_loss):
         for k in want_m:
             np.testing.assert_allclose(float(m[k]), float(want_m[k]), rtol=1e-5, atol=1e-7)
     assert float(jnp.abs(full["advantages"][2:4]).max()) > 0.1  # the left-out rows had signal
+
+
+def test_compile_then_trim_compiles_once_per_signature_and_changes_no_result():
+    """rl/programs.compile_then_trim: its ahead-of-time compile is the one the call uses (no
+    second backend compile), a new shape compiles once more, and the outputs (donated inputs
+    included) are the plain jit's."""
+    from lorarl_jax.rl.programs import compile_then_trim
+
+    compiles = []
+
+    def listener(name, *a, **k):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(name)
+
+    step = functools.partial(jax.jit, donate_argnums=(0,))(lambda p, x: (p + x.sum(), x * p))
+    plain = jax.jit(lambda p, x: (p + x.sum(), x * p))
+    wrapped = compile_then_trim(step)
+    p, x3, x5 = jnp.float32(2.0), jnp.arange(3.0), jnp.arange(5.0)
+    want3, want5 = plain(p, x3), plain(p, x5)
+    counts = []
+    for x in (x3, x3, x5, x5):
+        p_in = jnp.array(p)  # donated: a fresh copy each call
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            got = wrapped(p_in, x)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        counts.append(len(compiles))
+        compiles.clear()
+        want = want3 if x.shape == (3,) else want5
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+        assert float(got[0]) == float(want[0])
+    assert counts == [1, 0, 1, 0]

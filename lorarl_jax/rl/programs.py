@@ -17,6 +17,10 @@ needs them on the host:
                                            adapter, AdamW masked to it, lora/opt donated
   critic_values / critic_update            PPO only (`rl/critic.py`)
 
+The training steps compile ahead of their first call (`compile_then_trim`): compiling the
+unrolled policy step leaves ~0.25 GiB of freed compiler heap resident, and XLA:CPU's ~1.1 GiB of
+temporaries would otherwise be allocated on top of it (the demo's peak RSS, measured).
+
 τ has one source: the rollout spec's temperature is what the sampler draws with and what the
 log-prob programs and the policy step divide the logits by.
 """
@@ -29,6 +33,7 @@ from collections.abc import Callable
 
 import jax
 
+from lorarl_jax import process
 from lorarl_jax.distributed import to_host
 from lorarl_jax.rl import critic as critic_lib
 from lorarl_jax.rl import policy as policy_lib
@@ -60,6 +65,25 @@ class Programs:
     lr: Callable  # optimizer updates so far → learning rate (for the metrics)
     critic_values: Callable | None = None  # (params, host tokens, host attn, n) → host V_BxN
     critic_update: Callable | None = None  # (params, opt, mb) → (params, opt, metrics)
+
+
+def compile_then_trim(jitted):
+    """`jitted` that, on the first call with a new argument signature (tree structure, shapes,
+    dtypes), compiles it ahead (`lower(...).compile()`, which fills jit's own cache: the call
+    does not compile again) and hands the compiler's freed heap back to the system
+    (`process.release_free_memory`) before running it. Same results; a lower peak RSS."""
+    seen = set()
+
+    def call(*args):
+        leaves, tree = jax.tree.flatten(args)
+        sig = (tree, tuple((x.shape, str(x.dtype)) for x in leaves))
+        if sig not in seen:
+            jitted.lower(*args).compile()
+            process.release_free_memory()
+            seen.add(sig)
+        return jitted(*args)
+
+    return call
 
 
 def _merge(static: Static, place: Placement):
@@ -186,9 +210,9 @@ def build_programs(
         generate=_generate(place),
         logprobs=logprobs,
         ref_logprobs=ref_logprobs,
-        policy_step=policy_step,
+        policy_step=compile_then_trim(policy_step),
         init_opt_state=jax.jit(tx.init, in_shardings=(place.lora,), out_shardings=place.opt_state),
         lr=step_lib.lr_schedule(static.cfg.optim, sizes.total_updates),
         critic_values=critic_values,
-        critic_update=critic_update,
+        critic_update=None if critic_update is None else compile_then_trim(critic_update),
     )

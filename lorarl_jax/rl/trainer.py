@@ -133,6 +133,7 @@ def advantages(run: Run, state: TrainState, batch, seqs, scores, old_logp, ref_l
 def rollout_step(run: Run, state: TrainState, batch, step: int):
     """collect (sample → score) → log-probs → advantages: (state, train batch, metrics)."""
     static, a = run.static, run.static.cfg.algo
+    process.release_free_memory()  # the last update's temporaries, before the merged copy
     batch, out, scores, loss_rows, cm = collect(run, state, batch, step)
     seqs, slogp = train_sequences(batch, out, static.cfg.rollout.response_bucket)
     rmask = seqs["response_mask"]
