@@ -15,7 +15,12 @@ from lorarl_jax.model.lora import LoraConfig, count_params, init_lora
 from lorarl_jax.model.transformer import Transformer, positions_from_mask
 from lorarl_jax.rl import losses
 from lorarl_jax.rl import step as S
-from lorarl_jax.rl.logprobs import shared_prompt_logprobs, token_logprobs
+from lorarl_jax.rl.logprobs import (
+    chunk_layout,
+    chunked_logprobs,
+    shared_prompt_logprobs,
+    token_logprobs,
+)
 
 P, N = 6, 5
 
@@ -69,6 +74,48 @@ def test_token_logprobs_match_full_forward_and_chunking(setup):
         np.testing.assert_allclose(ent, ent_ref, atol=1e-4)
     ref_lp, _ = token_logprobs(cfg, None, base, None, tokens, mask, N)
     assert np.abs(np.asarray(ref_lp) - np.asarray(ref)).max() > 1e-3  # adapter matters
+
+
+def test_chunk_layout_pads_less_than_one_position_per_chunk():
+    assert chunk_layout(48, 32) == (2, 24)
+    assert chunk_layout(48, 16) == (3, 16)
+    assert chunk_layout(5, 64) == (1, 5)
+    assert chunk_layout(7, 3) == (3, 3)  # 9 positions for 7: pad 2 < 3 chunks
+    for n in range(1, 40):
+        for c in range(1, 20):
+            k, size = chunk_layout(n, c)
+            assert size <= c and k * size >= n and k * size - n < k
+
+
+@pytest.mark.parametrize("kind,softcap", [("llama", None), ("llama3_rope", None), ("llama", 3.0)])
+def test_frozen_head_vjp_equals_autodiff(hf_dir, kind, softcap):
+    """The custom VJP of the frozen LM head (gradient w.r.t. h built in the forward pass) gives
+    autodiff's log-probs, entropies and gradients: tied and separate heads, soft-capped logits,
+    with and without the entropy's gradient, on chunks that need padding."""
+    cfg, base = load_hf_model(hf_dir(kind))
+    cfg = dataclasses.replace(cfg, final_logit_softcapping=softcap)
+    rng = np.random.default_rng(3)
+    B, T, D = 3, 7, cfg.hidden_size
+    h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    a, b = (jnp.asarray(rng.normal(size=(B, T)), jnp.float32) for _ in range(2))
+
+    def loss(h, frozen, ent_grad, with_ent):
+        lp, ent = chunked_logprobs(
+            cfg, base, h, y, 0.7, 3, frozen_head=frozen, entropy_grad=ent_grad
+        )
+        return (a * lp).sum() + (b * ent).sum() * with_ent, (lp, ent)
+
+    for ent_grad in (True, False):
+        with_ent = 1.0 if ent_grad else 0.0
+        (l0, aux0), g0 = jax.value_and_grad(loss, has_aux=True)(h, False, True, with_ent)
+        (l1, aux1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))(
+            h, True, ent_grad, with_ent
+        )
+        np.testing.assert_allclose(aux1[0], aux0[0], atol=1e-5)
+        np.testing.assert_allclose(aux1[1], aux0[1], atol=1e-5)
+        np.testing.assert_allclose(g1, g0, atol=1e-5, rtol=1e-5)
+        assert float(jnp.abs(g0).max()) > 1e-2  # a gradient that can disagree
 
 
 def test_shared_prompt_logprobs_and_grads_equal_concatenated(setup):

@@ -4,12 +4,15 @@ The training sequence is `prompt ‖ response` ([B, P + N]); the log-prob of res
 from the hidden state at position P + t − 1. The decoder runs once to get hidden states; the LM
 head, log-softmax and entropy then run over chunks of C response positions inside a `lax.scan`
 whose body is rematerialised, so neither the forward nor the backward pass ever holds more than
-one [B, C, V] slice of logits (V is 49k–262k for the supported families).
+one [B, C, V] slice of logits (V is 49k–262k for the supported families). With a frozen head
+(LoRA) the chunk's gradient w.r.t. h is built in its forward pass instead (`_frozen_head_fwd`).
 
     logp_t = log softmax(z_t / τ)[y_t],   H_t = logsumexp(z/τ) − Σ_v softmax(z/τ)_v · z_v/τ
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,26 +39,120 @@ def response_hidden(cfg, lcfg, base, lora, tokens_BxL, mask_BxL, n_resp, dropout
     return h[:, L - n_resp - 1 : L - 1]
 
 
-def chunked_logprobs(cfg: ModelConfig, base, h_BxNxD, targets_BxN, temperature=1.0, chunk=64):
-    """(logp_BxN, entropy_BxN) of `targets` under softmax(lm_head(h) / τ), C positions at a time."""
+def chunk_layout(n: int, chunk: int) -> tuple[int, int]:
+    """(chunks K, positions per chunk C) for N positions and at most `chunk` per chunk: the fewest
+    chunks, then the smallest C that covers N, so padding stays below K (N=48, chunk=32: 2 × 24,
+    not 2 × 32 with 16 padded positions run through the LM head)."""
+    k = -(-n // max(1, min(chunk, n)))
+    return k, -(-n // k)
+
+
+def _head_name(cfg: ModelConfig) -> str:
+    return "embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+
+
+def _head(cfg: ModelConfig, base):
+    """The LM head's parameter subtree: the tied embedding or `lm_head`."""
+    return base[_head_name(cfg)]
+
+
+def _logp_entropy(z_BxCxV, y_BxC, temperature):
+    """(logp, entropy, p, x) of tempered logits x = z / τ: logp = x[y] − lse(x), H = lse − Σ p x."""
+    x = z_BxCxV / temperature
+    lse = jax.nn.logsumexp(x, axis=-1)
+    logp = jnp.take_along_axis(x, y_BxC[..., None], axis=-1)[..., 0] - lse
+    p = jnp.exp(x - lse[..., None])
+    ent = lse - jnp.sum(p * x, axis=-1)
+    return logp, ent, p, x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def _frozen_head_chunk(cfg, head, h_BxCxD, y_BxC, temperature, entropy_grad):
+    """(logp, entropy) of one chunk through a frozen LM head, with the gradient w.r.t. h built in
+    the forward pass (`_frozen_head_fwd`)."""
+    z = _head_logits(cfg, head, h_BxCxD)
+    logp, ent, _, _ = _logp_entropy(z, y_BxC, temperature)
+    return logp, ent
+
+
+def _head_logits(cfg, head, h_BxCxD):
+    return Transformer(cfg).apply(
+        {"params": {_head_name(cfg): head}}, h_BxCxD, method=Transformer.logits_from_hidden
+    )
+
+
+def _frozen_head_fwd(cfg, head, h_BxCxD, y_BxC, temperature, entropy_grad):
+    """Each position's h feeds only its own logits, so ∂logp_t/∂h_t = J_tᵀ (onehot(y_t) − p_t)/τ
+    and ∂H_t/∂h_t = J_tᵀ (−p_t ⊙ (x_t − Σ p_t x_t))/τ (J_t = ∂z_t/∂h_t, soft-cap included) are
+    [B, C, D] vectors, computed here with one vector-Jacobian product each; the backward pass only
+    scales them by the incoming cotangents. Per chunk: the logits once and one head-sized matmul
+    per gradient (no [B, C, V] residual, no recomputation of the logits in the backward pass)."""
+    z, vjp = jax.vjp(lambda h: _head_logits(cfg, head, h), h_BxCxD)
+    logp, ent, p, x = _logp_entropy(z, y_BxC, temperature)
+    onehot = jax.nn.one_hot(y_BxC, z.shape[-1], dtype=p.dtype)
+    (g_logp,) = vjp((onehot - p) / temperature)
+    g_ent = None
+    if entropy_grad:
+        mean_x = jnp.sum(p * x, axis=-1, keepdims=True)
+        (g_ent,) = vjp(-p * (x - mean_x) / temperature)
+    return (logp, ent), (head, g_logp, g_ent)
+
+
+def _frozen_head_bwd(cfg, temperature, entropy_grad, res, cts):
+    head, g_logp, g_ent = res
+    ct_logp, ct_ent = cts
+    g_h = ct_logp[..., None] * g_logp
+    if entropy_grad:
+        g_h = g_h + ct_ent[..., None] * g_ent
+    # the head is frozen: its cotangent is zero (unused, XLA drops it)
+    return jax.tree.map(jnp.zeros_like, head), g_h, None
+
+
+_frozen_head_chunk.defvjp(_frozen_head_fwd, _frozen_head_bwd)
+
+
+def chunked_logprobs(
+    cfg: ModelConfig,
+    base,
+    h_BxNxD,
+    targets_BxN,
+    temperature=1.0,
+    chunk=64,
+    *,
+    frozen_head: bool = False,
+    entropy_grad: bool = True,
+):
+    """(logp_BxN, entropy_BxN) of `targets` under softmax(lm_head(h) / τ), ≤ `chunk` positions
+    at a time (`chunk_layout`).
+
+    `frozen_head=True` (LoRA: the head is part of the frozen base): a custom VJP builds each
+    position's gradient w.r.t. h in the forward pass (`_frozen_head_fwd`): 2 head-sized matmuls
+    per chunk instead of 3 (forward, rematerialised forward, backward; 3 instead of 3 with the
+    entropy's gradient, which then saves the recomputed softmax only), same gradients. The head
+    then gets a zero gradient, and with `entropy_grad=False` so does the entropy (a metric only,
+    `algo.entropy_coeff` = 0): its gradient is not built. Otherwise the chunk body is autodiffed
+    under `jax.checkpoint`, and the head gets its gradient (full-parameter RL)."""
     B, N, D = h_BxNxD.shape
-    C = max(1, min(chunk, N))
-    pad = (-N) % C
+    n_chunks, C = chunk_layout(N, chunk)
+    pad = n_chunks * C - N
     h = jnp.pad(h_BxNxD, ((0, 0), (0, pad), (0, 0)))
     y = jnp.pad(targets_BxN, ((0, 0), (0, pad)))
-    n_chunks = (N + pad) // C
     h_KxBxCxD = h.reshape(B, n_chunks, C, D).swapaxes(0, 1)
     y_KxBxC = y.reshape(B, n_chunks, C).swapaxes(0, 1)
-    model = Transformer(cfg)
+    head = _head(cfg, base)
 
-    @jax.checkpoint
-    def one(h_BxCxD, y_BxC):
-        z = model.apply({"params": base}, h_BxCxD, method=Transformer.logits_from_hidden)
-        z = z / temperature
-        lse = jax.nn.logsumexp(z, axis=-1)
-        logp = jnp.take_along_axis(z, y_BxC[..., None], axis=-1)[..., 0] - lse
-        ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
-        return logp, ent
+    if frozen_head:
+
+        def one(h_BxCxD, y_BxC):
+            return _frozen_head_chunk(cfg, head, h_BxCxD, y_BxC, temperature, entropy_grad)
+
+    else:
+
+        @jax.checkpoint
+        def one(h_BxCxD, y_BxC):
+            z = _head_logits(cfg, head, h_BxCxD)
+            logp, ent, _, _ = _logp_entropy(z, y_BxC, temperature)
+            return logp, ent
 
     _, (logp, ent) = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (h_KxBxCxD, y_KxBxC))
     logp = logp.swapaxes(0, 1).reshape(B, N + pad)[:, :N]
@@ -122,12 +219,14 @@ def shared_prompt_logprobs(
     temperature: float = 1.0,
     chunk: int = 64,
     dropout_key=None,
+    **head_kw,
 ):
-    """(logp_RxN, entropy_RxN) of the responses; prompts are computed once per group of n."""
+    """(logp_RxN, entropy_RxN) of the responses; prompts are computed once per group of n.
+    `head_kw`: `chunked_logprobs`' frozen_head / entropy_grad."""
     h = shared_prompt_hidden(
         cfg, lcfg, base, lora, prompt_BxP, pmask_BxP, resp_RxN, rmask_RxN, n, dropout_key
     )
-    return chunked_logprobs(cfg, base, h, resp_RxN, temperature, chunk)
+    return chunked_logprobs(cfg, base, h, resp_RxN, temperature, chunk, **head_kw)
 
 
 def batch_logprobs(cfg: ModelConfig, lcfg, base, lora, batch, *, n, temperature, chunk):
@@ -160,8 +259,9 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk: int = 64,
     dropout_key=None,
+    **head_kw,
 ):
     """Log-probs and entropy of the last `n_resp` tokens. `lora=None` is the reference model."""
     h = response_hidden(cfg, lcfg, base, lora, tokens_BxL, mask_BxL, n_resp, dropout_key)
     targets = tokens_BxL[:, -n_resp:]
-    return chunked_logprobs(cfg, base, h, targets, temperature, chunk)
+    return chunked_logprobs(cfg, base, h, targets, temperature, chunk, **head_kw)

@@ -133,6 +133,8 @@ def policy_loss_fn(
         temperature,
         algo.logprob_chunk,
         dropout_key=key if use_dropout else None,
+        frozen_head=lcfg is not None,  # LoRA never targets the head (config.LINEAR_NAMES)
+        entropy_grad=bool(algo.entropy_coeff),
     )
     mask = loss_mask(mb)
     agg = dict(
