@@ -1,7 +1,6 @@
 """One whole GRPO + LoRA step (rollout → rewards → log-probs → one update): ours vs TRL + PEFT, CPU.
 
-    flock /tmp/bench.lock env HF_HUB_OFFLINE=1 \
-        python scripts/bench_step.py --model-dir /tmp/bench_smollm2
+    flock /tmp/bench.lock env HF_HUB_OFFLINE=1 python scripts/bench_step.py [--model-dir DIR]
 
 Same model, prompts and batch on both sides: `--prompts` synthetic arithmetic prompts (the
 default task when `data.train_files` is empty, in order, no shuffle) × `--generations` samples ×
@@ -352,7 +351,12 @@ def print_table(args, ours: dict, trl: dict, mem: dict | None = None) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model-dir", default="/tmp/bench_smollm2", help="HF checkpoint directory")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="HF checkpoint directory; default: SmolLM2 as the trainer converts it (converted now "
+        "if missing)",
+    )
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -385,6 +389,11 @@ def parse_args(argv=None):
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.model_dir is None:  # the shipped SmolLM2, converted once as `model.path=smollm2` does
+        from lorarl_jax.model.convert import ensure_shipped
+
+        args.model_dir = str(ensure_shipped("smollm2"))
+        argv = [*argv, "--model-dir", args.model_dir]
     if args.side != "both":
         load0 = os.getloadavg()[0]
         result = (bench_ours if args.side == "ours" else bench_trl)(args)

@@ -13,6 +13,7 @@ from lorarl_jax.config import AlgoCfg, OptimCfg
 from lorarl_jax.model.hf import load_hf_model
 from lorarl_jax.model.lora import LoraConfig, count_params, init_lora
 from lorarl_jax.model.transformer import Transformer, positions_from_mask
+from lorarl_jax.rl import logprobs as logprobs_lib
 from lorarl_jax.rl import losses
 from lorarl_jax.rl import step as S
 from lorarl_jax.rl.logprobs import (
@@ -99,6 +100,9 @@ def test_frozen_head_vjp_equals_autodiff(hf_dir, kind, softcap):
     h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
     y = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
     a, b = (jnp.asarray(rng.normal(size=(B, T)), jnp.float32) for _ in range(2))
+    z_model = Transformer(cfg).apply({"params": base}, h, method=Transformer.logits_from_hidden)
+    z_head = logprobs_lib._head_logits(cfg, logprobs_lib._head(cfg, base), h)  # E·hᵀ when tied
+    np.testing.assert_allclose(z_head, z_model, atol=1e-5)
 
     def loss(h, frozen, ent_grad, with_ent):
         lp, ent = chunked_logprobs(
