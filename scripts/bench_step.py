@@ -24,6 +24,8 @@ Measured (Intel Xeon, 2 cores, trl 1.16.0, same run, clean clone at 312dc3c): ou
 2.82 GiB; TRL 60.0 s, 8.28 GiB: 1.99x (1.54x low-memory). Per phase: rollout 620 GFLOP at 68
 GFLOP/s, reference 619 at 116 (83 % of the matmul rate), update 1436 at 95 (61 %). Why not 3x:
 the rollout is at its probe's rate; the other two at 100 % would make the step 23.0 s, 2.6x TRL.
+AMD EPYC (Zen 4, 2 cores, 2026-12-03, 59071e8): ours 31.3 s/step, 3.11 GiB; low-memory 44.5 s,
+2.39 GiB; TRL 174.4 s, 8.16 GiB: 5.58x (3.92x low-memory); per phase 87 / 65 / 60 % of the rate.
 Under load from other processes TRL slows far more than ours, so check the printed load averages.
 """
 
