@@ -47,13 +47,9 @@ def chunk_layout(n: int, chunk: int) -> tuple[int, int]:
     return k, -(-n // k)
 
 
-def _head_name(cfg: ModelConfig) -> str:
-    return "embed_tokens" if cfg.tie_word_embeddings else "lm_head"
-
-
 def _head(cfg: ModelConfig, base):
     """The LM head's parameter subtree: the tied embedding or `lm_head`."""
-    return base[_head_name(cfg)]
+    return base["embed_tokens" if cfg.tie_word_embeddings else "lm_head"]
 
 
 def _logp_entropy(z_BxCxV, y_BxC, temperature):
@@ -139,8 +135,8 @@ def chunked_logprobs(
 
     `frozen_head=True` (LoRA: the head is part of the frozen base): a custom VJP builds each
     position's gradient w.r.t. h in the forward pass (`_frozen_head_fwd`): 2 head-sized matmuls
-    per chunk instead of 3 (forward, rematerialised forward, backward; 3 instead of 3 with the
-    entropy's gradient, which then saves the recomputed softmax only), same gradients. The head
+    per chunk instead of 3 (forward, rematerialised forward, backward), same gradients; with the
+    entropy's gradient it is 3 either way. The head
     then gets a zero gradient, and with `entropy_grad=False` so does the entropy (a metric only,
     `algo.entropy_coeff` = 0): its gradient is not built. Otherwise the chunk body is autodiffed
     under `jax.checkpoint`, and the head gets its gradient (full-parameter RL)."""
