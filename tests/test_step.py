@@ -122,6 +122,29 @@ def test_frozen_head_vjp_equals_autodiff(hf_dir, kind, softcap):
         assert float(jnp.abs(g0).max()) > 1e-2  # a gradient that can disagree
 
 
+def test_frozen_head_vjp_in_bfloat16(hf_dir):
+    """A bf16 model (h and the head in bf16, logits in f32): the custom VJP returns a bf16
+    gradient w.r.t. h (an f32 one breaks the bf16 multiply before it) equal to autodiff's."""
+    cfg, base = load_hf_model(hf_dir("llama"))
+    cfg = dataclasses.replace(cfg, dtype="bfloat16", param_dtype="bfloat16")
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    rng = np.random.default_rng(4)
+    B, T, D = 2, 5, cfg.hidden_size
+    h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(D,)), jnp.bfloat16)  # a norm's scale: lax.mul in bf16
+    y = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+
+    def loss(w, frozen):
+        lp, ent = chunked_logprobs(cfg, base, h * w, y, 0.7, 2, frozen_head=frozen)
+        return lp.sum() + 0.1 * ent.sum()
+
+    g0 = jax.jit(jax.grad(loss), static_argnums=1)(w, False)
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(w, True)
+    assert g1.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(g1), np.float32(g0), atol=0.05, rtol=0.05)
+    assert float(jnp.abs(g0.astype(jnp.float32)).max()) > 0.1
+
+
 def test_shared_prompt_logprobs_and_grads_equal_concatenated(setup):
     """Each prompt run once for its G samples gives the same log-probs and adapter gradients."""
     cfg, base, lcfg, lora = setup

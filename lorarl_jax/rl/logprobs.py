@@ -112,8 +112,9 @@ def _frozen_head_bwd(cfg, temperature, entropy_grad, res, cts):
     g_h = ct_logp[..., None] * g_logp
     if entropy_grad:
         g_h = g_h + ct_ent[..., None] * g_ent
-    # the head is frozen: its cotangent is zero (unused, XLA drops it)
-    return jax.tree.map(jnp.zeros_like, head), g_h, None
+    # h's cotangent in h's dtype (f32 cotangents x bf16 vectors promote); the head is frozen:
+    # its cotangent is zero (unused, XLA drops it)
+    return jax.tree.map(jnp.zeros_like, head), g_h.astype(g_logp.dtype), None
 
 
 _frozen_head_chunk.defvjp(_frozen_head_fwd, _frozen_head_bwd)
