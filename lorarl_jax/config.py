@@ -15,6 +15,7 @@ import math
 import re
 from typing import Any
 
+from lorarl_jax.config_batches import batch_sizes
 from lorarl_jax.config_ranges import RANGES, check_range
 
 # decoder linear layers an adapter can target (HF names; `all-linear` means all of them)
@@ -383,41 +384,6 @@ def _check_dapo(a: AlgoCfg, rc: RolloutCfg) -> None:
             f"algo.overlong_buffer_len={a.overlong_buffer_len} must be below "
             f"rollout.max_new_tokens={rc.max_new_tokens}"
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchSizes:
-    """What one RL step's batch splits into (prompts carry `num_generations` rows each)."""
-
-    prompts: int  # data.batch_size
-    prompts_per_update: int  # algo.ppo_mini_batch_size, or the whole batch
-    updates_per_step: int  # ppo_epochs × mini-batches
-    rows_per_micro: int  # algo.micro_batch_size sequences, or the whole mini-batch
-    n_micro: int  # micro-batches per update
-    total_updates: int  # trainer.steps × updates_per_step: the schedules' length
-
-    @property
-    def off_policy(self) -> bool:
-        """More than one update per rollout: π_old must be computed before the first update."""
-        return self.updates_per_step > 1
-
-
-def batch_sizes(cfg: RunConfig) -> BatchSizes:
-    """The derived batch sizes, or a one-line ValueError naming the key that does not divide."""
-    a, n, prompts = cfg.algo, cfg.rollout.num_generations, cfg.data.batch_size
-    per_mb = a.ppo_mini_batch_size or prompts
-    if prompts % per_mb:
-        raise ValueError(f"algo.ppo_mini_batch_size={per_mb} must divide data.batch_size={prompts}")
-    micro = a.micro_batch_size or per_mb * n
-    if micro % n or (per_mb * n) % micro:
-        raise ValueError(
-            f"algo.micro_batch_size={micro} must be a multiple of rollout.num_generations={n} "
-            f"and divide the mini-batch ({per_mb * n} sequences)"
-        )
-    updates = a.ppo_epochs * (prompts // per_mb)
-    return BatchSizes(
-        prompts, per_mb, updates, micro, per_mb * n // micro, cfg.trainer.steps * updates
-    )
 
 
 def default_config():

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from lorarl_jax.config import batch_sizes, default_config, from_config_dict
+from lorarl_jax.config import default_config, from_config_dict
+from lorarl_jax.config_batches import batch_sizes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -25,7 +25,8 @@ from lorarl_jax import data as data_lib
 from lorarl_jax import datasets, distributed, run_dir
 from lorarl_jax import mesh as mesh_lib
 from lorarl_jax.checkpoint import Checkpointer, restore_or_none
-from lorarl_jax.config import RunConfig, batch_sizes
+from lorarl_jax.config import RunConfig
+from lorarl_jax.config_batches import batch_sizes
 from lorarl_jax.metrics import MetricsLogger, plot_metrics
 from lorarl_jax.model import hf, quant
 from lorarl_jax.model.load import LoadedModel, load_model

@@ -3,7 +3,7 @@
 Design (nanodo's split):
 - `Static` holds what never changes during a run: the validated config (whose `lora` is the
   adapter's own, also when a PEFT adapter was loaded: one source for rank and scale), the model
-  config, the tokenizer, the batch sizes (`config.batch_sizes`) and the two generation specs
+  config, the tokenizer, the batch sizes (`config_batches.batch_sizes`) and the two generation specs
   (rollout and greedy evaluation; `rollout.sampling.temperature` is the τ of every log-prob).
 - `TrainState` is a pytree of everything the run updates and a checkpoint saves: the adapter
   (with `lora.r=0` the policy's parameters, saved as the `params` item: `rl/policy.py`), its
@@ -24,7 +24,8 @@ from typing import Any
 import flax.struct
 import jax
 
-from lorarl_jax.config import BatchSizes, RunConfig
+from lorarl_jax.config import RunConfig
+from lorarl_jax.config_batches import BatchSizes
 from lorarl_jax.model.config import ModelConfig
 from lorarl_jax.model.lora import LoraConfig
 from lorarl_jax.sampling.sampler import GenerateSpec
