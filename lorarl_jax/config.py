@@ -106,6 +106,8 @@ class RolloutCfg:
     max_new_tokens: int = 128
     overlong_prompt: str = "filter"  # filter | truncate | error
     merge: str = "auto"  # auto | always | never (QLoRA trade-off, see README)
+    # "" (the model's) | "bfloat16": decode on the merged weights rounded to bf16, fp32 activations
+    weight_dtype: str = ""
     response_bucket: int = 32  # train on responses trimmed to a multiple of this; 0: never trim
     # sync gate: mean |log π_sampler − log π_trainer| over sampled tokens, same weights (README)
     max_logp_gap: float = 0.0  # 0: the default of model.dtype (LOGP_GAP_DEFAULTS)
@@ -257,6 +259,7 @@ _CHOICES = {
     ("model", "quantization"): ("none", "nf4"),
     ("rollout", "overlong_prompt"): ("filter", "truncate", "error"),
     ("rollout", "merge"): ("auto", "always", "never"),
+    ("rollout", "weight_dtype"): ("", "bfloat16"),
     ("rollout", "logp_gap_action"): ("warn", "error", "off"),
     ("algo", "rollout_is"): ("none", "token", "sequence"),
     ("algo", "policy_loss"): ("vanilla", "gspo", "gspo_token", "cispo"),
@@ -345,7 +348,8 @@ def from_config_dict(cd) -> RunConfig:
             raise ValueError(f"config key model.{key}={value!r}: expected one of {list(DTYPES)}")
     # derived defaults, resolved once so every consumer (and run_config.json) sees the value
     scale = a.loss_scale_factor or float(rc.max_new_tokens)
-    gap = rc.max_logp_gap or LOGP_GAP_DEFAULTS[cfg.model.dtype]
+    _check_weight_dtype(cfg)
+    gap = rc.max_logp_gap or LOGP_GAP_DEFAULTS[rc.weight_dtype or cfg.model.dtype]
     cfg = dataclasses.replace(
         cfg,
         algo=dataclasses.replace(a, loss_scale_factor=scale),
@@ -353,6 +357,21 @@ def from_config_dict(cd) -> RunConfig:
     )
     batch_sizes(cfg)  # the batch arithmetic, checked once here
     return cfg
+
+
+def _check_weight_dtype(cfg: RunConfig) -> None:
+    """rollout.weight_dtype=bfloat16 rounds the merged fp32 weights: it needs them to exist."""
+    m, rc = cfg.model, cfg.rollout
+    if not rc.weight_dtype:
+        return
+    if (m.dtype, m.param_dtype, m.quantization) != ("float32", "float32", "none") or (
+        rc.merge == "never"
+    ):
+        raise ValueError(
+            f"rollout.weight_dtype={rc.weight_dtype} rounds the merged float32 weights: it needs "
+            "model.dtype=param_dtype=float32, model.quantization=none and rollout.merge auto or "
+            f"always (got {m.dtype}, {m.param_dtype}, {m.quantization}, merge={rc.merge})"
+        )
 
 
 def _check_full(cfg: RunConfig) -> None:

@@ -45,6 +45,7 @@ from bench_common import cpu_model, decode_step_flops, matmul_rate, prefill_flop
 MODES = ("sample", "greedy")
 OURS = "lorarl_jax (jit, KV cache)"
 OURS_PER_ROW = "lorarl_jax (prompt KV copied per row)"
+OURS_BF16 = "lorarl_jax (bf16 weights, fp32 activations)"
 TASKS = ("arith", "demo", "gsm8k")
 
 
@@ -122,11 +123,16 @@ def bench_ours(model_dir, ids, mask, pad_id, stop_ids, args):
     pre = pre.compile()
     jax.block_until_ready(pre(params, ids, mask))
     prefill_s, _ = _best(lambda r: jax.block_until_ready(pre(params, ids, mask)), repeats)
-    variants = {OURS: True} | ({OURS_PER_ROW: False} if args.n > 1 else {})
-    return cfg, {
-        name: _ours_rows(cfg, params, ids, mask, pad_id, stop_ids, args, prefill_s, share)
-        for name, share in variants.items()
-    }
+    from lorarl_jax.sampling.rollout_weights import round_weights
+
+    variants = {OURS: (True, "")} | ({OURS_PER_ROW: (False, "")} if args.n > 1 else {})
+    if "bfloat16" in args.weight_dtypes.split(","):
+        variants[OURS_BF16] = (True, "bfloat16")
+    rows = {}
+    for name, (share, wd) in variants.items():
+        c, p = (cfg.replace(dot_dtype=wd), round_weights(params, wd)) if wd else (cfg, params)
+        rows[name] = _ours_rows(c, p, ids, mask, pad_id, stop_ids, args, prefill_s, share)
+    return cfg, rows
 
 
 def _ours_rows(cfg, params, ids, mask, pad_id, stop_ids, args, prefill_s, share):
@@ -257,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attn", default="sdpa", help="transformers attn impls to try")
     parser.add_argument("--hf-dtypes", default="float32,bfloat16", help="transformers dtypes")
     parser.add_argument("--skip-hf", action="store_true", help="only our side")
+    parser.add_argument(
+        "--weight-dtypes",
+        default="float32,bfloat16",
+        help="ours: fp32, and bf16 weights with fp32 activations (rollout.weight_dtype=bfloat16)",
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="sample,greedy or one of them")
     args = parser.parse_args(argv)
     args.modes = tuple(m for m in MODES if m in args.modes.split(","))
@@ -286,7 +297,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.task} prompts: {ids.shape[0]} × {args.n} samples, prompt {P} tokens "
           f"(left-padded), {what} "
           f"{args.new_tokens} new tokens, temperature {args.temperature}")  # fmt: skip
-    print("tokens/s = tokens kept (up to each row's EOS) / generate() seconds; ours fp32")
+    print(
+        "tokens/s = tokens kept (up to each row's EOS) / generate() seconds; ours fp32, and "
+        "with rollout.weight_dtype=bfloat16 (its prefill s: the fp32 prefill's)"
+    )
     head = f"{'impl':<40}{'mode':<8}{'s/generate':>11}{'tokens/s':>10}{'mean len':>9}"
     print(head + f"{'prefill s':>10}{'compile s':>10}{'peak RSS MB':>13}")
 
@@ -304,13 +318,16 @@ def main(argv: list[str] | None = None) -> dict:
             row(f"transformers ({name}, {args.threads} thr)", mode, rows[mode], "-", rows["rss"])
     result = {"ours": ours, "hf": hf}
     for mode in args.modes if hf else ():
-        ours_tps = ours[OURS][mode]["tokens"] / ours[OURS][mode]["sec"]
         best_name, best = max(
             ((name, rows[mode]["tokens"] / rows[mode]["sec"]) for name, rows in hf.items()),
             key=lambda x: x[1],
         )
-        result[f"ratio_{mode}"] = ratio = ours_tps / best
-        print(f"{mode}: ours / transformers' fastest ({best_name}) tokens/s = {ratio:.2f}x")
+        for ours_name, key in ((OURS, f"ratio_{mode}"), (OURS_BF16, f"ratio_{mode}_bf16")):
+            if ours_name not in ours:
+                continue
+            ours_tps = ours[ours_name][mode]["tokens"] / ours[ours_name][mode]["sec"]
+            result[key] = ratio = ours_tps / best
+            print(f"{mode}: {ours_name} / transformers' fastest ({best_name}) = {ratio:.2f}x")
     phase_table(cfg, ours[OURS], B, P, args.n)
     return result
 

@@ -58,6 +58,9 @@ class ModelConfig:
     # Runtime switches (not from HF).
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # "" or "bfloat16": the linear maps and the LM head take operands of this dtype and accumulate
+    # in the compute dtype (bf16 rollout weights with fp32 activations, `rollout.weight_dtype`)
+    dot_dtype: str = ""
     remat: bool = False
     scan_layers: bool = False  # training passes run the decoder layers under lax.scan (scan.py)
     quantization: str = "none"  # "nf4": decoder linear kernels stored as NF4 (model/quant.py)

@@ -35,6 +35,15 @@ from lorarl_jax.model import quant
 LORA = "lora"  # the adapter collection
 
 
+def mixed_dot(x, w, dtype, dot_dtype=None):
+    """x·w in `dtype`; with `dot_dtype` (bf16), both operands rounded to it and the products
+    accumulated in `dtype` (fp32): half the weight bytes read per decode step, and XLA:CPU's bf16
+    dots (AVX-512 bf16) run faster than its fp32 ones at decode shapes."""
+    if dot_dtype is None:
+        return jnp.dot(x, w.astype(dtype))
+    return jnp.dot(x.astype(dot_dtype), w.astype(dot_dtype), preferred_element_type=dtype)
+
+
 class LoRADense(nn.Module):
     """Dense `x @ kernel (+ bias)` with an optional adapter read from the `lora` collection."""
 
@@ -48,6 +57,7 @@ class LoRADense(nn.Module):
     deterministic: bool = True
     quantization: str = "none"  # "nf4": the kernel is stored as NF4 leaves (QLoRA)
     double_quant: bool = False
+    dot_dtype: jnp.dtype | None = None  # operands of x·W in this dtype, accumulated in `dtype`
 
     @nn.compact
     def __call__(self, x):
@@ -58,7 +68,7 @@ class LoRADense(nn.Module):
         else:
             init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.kernel_axes)
             kernel = self.param("kernel", init, shape, self.param_dtype)
-            y = jnp.dot(x, kernel.astype(self.dtype))
+            y = mixed_dot(x, kernel, self.dtype, self.dot_dtype)
         if self.use_bias:
             binit = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:])
             y = y + self.param("bias", binit, (self.features,), self.param_dtype).astype(self.dtype)

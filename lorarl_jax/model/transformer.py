@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lorarl_jax.model.config import ModelConfig, RopeConfig, rope_inv_freq
-from lorarl_jax.model.lora import LoraConfig, LoRADense
+from lorarl_jax.model.lora import LoraConfig, LoRADense, mixed_dot
 
 NEG_INF = -1e30
 
@@ -76,6 +76,7 @@ def _dense(parent, name, features, axes, bias):
         deterministic=parent.deterministic,
         quantization=cfg.quantization,  # NF4 base (QLoRA): decoder linears only, not lm_head
         double_quant=cfg.double_quant,
+        dot_dtype=cfg.dot_dtype or None,
         name=name,
     )
 
@@ -262,6 +263,7 @@ class Transformer(nn.Module):
                 ("embed", "vocab"),
                 dtype=cfg.compute_dtype,
                 param_dtype=jnp.dtype(cfg.param_dtype),
+                dot_dtype=cfg.dot_dtype or None,
             )
 
     def __call__(
@@ -300,7 +302,10 @@ class Transformer(nn.Module):
 
     def logits_from_hidden(self, h_BxTxD):
         """fp32 logits of final-normed hidden states (tied or separate head, optional soft-cap)."""
-        if self.cfg.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings and self.cfg.dot_dtype:
+            e_VxD = self.embed_tokens.embedding
+            logits = mixed_dot(h_BxTxD, e_VxD.T, self.cfg.compute_dtype, self.cfg.dot_dtype)
+        elif self.cfg.tie_word_embeddings:
             logits = self.embed_tokens.attend(h_BxTxD)
         else:
             logits = self.lm_head(h_BxTxD)

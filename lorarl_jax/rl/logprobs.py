@@ -75,7 +75,7 @@ def _head_logits(cfg, head, h_BxCxD):
     """= `Transformer.logits_from_hidden`. A tied head is applied as E·hᵀ ([V, B, C], then moved
     to [B, C, V]): written h·Eᵀ, XLA:CPU keeps a transposed copy of E (108 MiB for SmolLM2) in
     the policy step's temporaries; this form needs none, at the same speed and the same values."""
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings or cfg.dot_dtype:
         return Transformer(cfg).apply(
             {"params": {"lm_head": head}}, h_BxCxD, method=Transformer.logits_from_hidden
         )

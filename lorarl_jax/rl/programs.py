@@ -92,8 +92,15 @@ def _merge(static: Static, place: Placement):
     """`rollout.merge`: merged weights (laid out for decode) or base + adapter unmerged; full
     mode: the policy's parameters as they are (`rl/policy.py`)."""
     cfg, model_cfg, lcfg = static.cfg, static.model_cfg, static.lcfg
+    wd = cfg.rollout.weight_dtype  # "" or bfloat16: config.py checked it has merged fp32 weights
+    decode_cfg = model_cfg.replace(dot_dtype=wd) if wd else model_cfg
+    if wd:
+        print(f"rollout.weight_dtype={wd}: decode on the merged weights rounded to {wd}")
     if static.full:
-        return lambda base, params: rollout_weights.DecodeWeights(model_cfg, params)
+        if not wd:
+            return lambda base, params: rollout_weights.DecodeWeights(model_cfg, params)
+        cast = jax.jit(lambda p: rollout_weights.round_weights(p, wd))
+        return lambda base, params: rollout_weights.DecodeWeights(decode_cfg, cast(params))
     merged, why = rollout_weights.resolve_merge(cfg.rollout.merge, model_cfg)
     quiet = model_cfg.quantization == "none" and not rollout_weights.low_precision(model_cfg)
     if not quiet or cfg.rollout.merge != "auto":
@@ -101,9 +108,9 @@ def _merge(static: Static, place: Placement):
     merge_fn = None
     if merged:
         merge_fn = rollout_weights.jit_merge(
-            model_cfg, lcfg, (place.base, place.lora), place.decode
+            model_cfg, lcfg, (place.base, place.lora), place.decode, weight_dtype=wd
         )
-    return rollout_weights.make_rollout_weights(model_cfg, lcfg, merge_fn)
+    return rollout_weights.make_rollout_weights(decode_cfg, lcfg, merge_fn)
 
 
 def _generate(place: Placement):

@@ -19,6 +19,14 @@
   trainer's own arithmetic. A float32 base is merged; an NF4 base with a float32 compute dtype is
   merged when the dense linear weights fit in half of the free device memory (the rest is left
   for the KV cache and activations), decoded unmerged otherwise. Measurements: README.
+- `rollout.weight_dtype=bfloat16` (float32 model, merged): the fp32 merge rounded to bf16 once
+  per step (`round_weights`: matrices only), decoded with bf16 × bf16 → fp32 dots
+  (`ModelConfig.dot_dtype`) and fp32 activations, norms, softmax and KV cache: half the weight
+  memory and bytes read per decode step, faster bf16 dots. The sampler then draws from the
+  bf16-rounded policy (updates below half a bf16 step of W are lost, as above), the
+  vLLM-bf16-rollout / fp32-trainer split of verl: the trainer's fp32 log-probs stay π_old, the
+  gap is measured (`rollout/logp_gap_*`, gated at the bf16 default) and `algo.rollout_is`
+  corrects for it.
 """
 
 from __future__ import annotations
@@ -126,10 +134,28 @@ def make_rollout_weights(cfg: ModelConfig, lcfg: LoraConfig, merge_fn=None):
     return lambda base, lora: DecodeWeights(cfg.dense, merge_fn(base, lora))
 
 
-def jit_merge(cfg: ModelConfig, lcfg: LoraConfig, in_shardings=None, out_shardings=None):
-    """The jitted merge W' = dequant(W) + s·A·B (NF4 layers dequantized to the compute dtype);
+def round_weights(params, dtype):
+    """`rollout.weight_dtype`: the matrices (linear kernels, embedding, LM head) → `dtype`;
+    vectors (norm scales, biases) stay as they are."""
+
+    def cast(x):
+        return x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, params)
+
+
+def jit_merge(
+    cfg: ModelConfig, lcfg: LoraConfig, in_shardings=None, out_shardings=None, weight_dtype=""
+):
+    """The jitted merge W' = dequant(W) + s·A·B (NF4 layers dequantized to the compute dtype),
+    rounded to `weight_dtype` when given (fp32 math first: W' is the fp32 merge, rounded once);
     with shardings (`rl/programs.py`: base and adapter in, decode layout out), else one device."""
     kw = {}
     if in_shardings is not None:
         kw = dict(in_shardings=in_shardings, out_shardings=out_shardings)
-    return jax.jit(lambda b, lo: lora_lib.merge(b, lo, lcfg.scale, cfg.compute_dtype), **kw)
+
+    def merge(b, lo):
+        w = lora_lib.merge(b, lo, lcfg.scale, cfg.compute_dtype)
+        return round_weights(w, weight_dtype) if weight_dtype else w
+
+    return jax.jit(merge, **kw)
