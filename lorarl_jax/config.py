@@ -110,7 +110,7 @@ class RolloutCfg:
     weight_dtype: str = ""
     response_bucket: int = 32  # train on responses trimmed to a multiple of this; 0: never trim
     # sync gate: mean |log π_sampler − log π_trainer| over sampled tokens, same weights (README)
-    max_logp_gap: float = 0.0  # 0: the default of model.dtype (LOGP_GAP_DEFAULTS)
+    max_logp_gap: float = 0.0  # 0: the default of model.dtype or of weight_dtype (below)
     logp_gap_action: str = "warn"  # warn | error | off
 
 
@@ -285,6 +285,9 @@ _CHOICES = {
 # its gate sits above that noise. float16 is not measured and takes the bfloat16 value.
 LOGP_GAP_DEFAULTS = {"float32": 0.01, "bfloat16": 0.1, "float16": 0.1}
 DTYPES = tuple(LOGP_GAP_DEFAULTS)  # model.dtype / param_dtype
+# rollout.weight_dtype=bfloat16 on a float32 run (same script, --dtypes bf16w): correct runs
+# 0.009-0.013 (SmolLM2; the tiny test model 0.017-0.020), stale or never synced 0.067
+LOGP_GAP_BF16_WEIGHTS = 0.05
 
 
 def _unknown(key: str, known) -> ValueError:
@@ -349,7 +352,8 @@ def from_config_dict(cd) -> RunConfig:
     # derived defaults, resolved once so every consumer (and run_config.json) sees the value
     scale = a.loss_scale_factor or float(rc.max_new_tokens)
     _check_weight_dtype(cfg)
-    gap = rc.max_logp_gap or LOGP_GAP_DEFAULTS[rc.weight_dtype or cfg.model.dtype]
+    gap_default = LOGP_GAP_BF16_WEIGHTS if rc.weight_dtype else LOGP_GAP_DEFAULTS[cfg.model.dtype]
+    gap = rc.max_logp_gap or gap_default
     cfg = dataclasses.replace(
         cfg,
         algo=dataclasses.replace(a, loss_scale_factor=scale),

@@ -301,13 +301,13 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens/s = tokens kept (up to each row's EOS) / generate() seconds; ours fp32, and "
         "with rollout.weight_dtype=bfloat16 (its prefill s: the fp32 prefill's)"
     )
-    head = f"{'impl':<40}{'mode':<8}{'s/generate':>11}{'tokens/s':>10}{'mean len':>9}"
+    head = f"{'impl':<46}{'mode':<8}{'s/generate':>11}{'tokens/s':>10}{'mean len':>9}"
     print(head + f"{'prefill s':>10}{'compile s':>10}{'peak RSS MB':>13}")
 
     def row(label, mode, r, compile_s, rss):
         s = r["sec"]
         print(
-            f"{label:<40}{mode:<8}{s:>11.2f}{r['tokens'] / s:>10.0f}{r['tokens'] / B:>9.1f}"
+            f"{label:<46}{mode:<8}{s:>11.2f}{r['tokens'] / s:>10.0f}{r['tokens'] / B:>9.1f}"
             f"{r['prefill_s']:>10.2f}{compile_s:>10}{rss:>13.0f}"
         )
 

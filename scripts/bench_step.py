@@ -17,6 +17,7 @@ recompile in a timed step, which is subtracted from that step and listed). TRL u
 `--threads` torch threads and its default gradient checkpointing unless `--no-trl-gc`.
 Ours runs twice: the default config, and the low-memory one (`model.scan_layers` +
 `gradient_checkpointing`, as TRL checkpoints by default); `--no-memory-config` skips the second.
+`--weight-dtype bfloat16`: ours decodes on bf16-rounded merged weights (`rollout.weight_dtype`).
 Ours also prints per phase (rollout, reference log-probs, update) the GFLOP it ran, the GFLOP/s
 it reached and the matmul rate of its shapes measured in the same process (`phase_rates`).
 Measured (Intel Xeon, 2 cores, trl 1.16.0, same run, clean clone at 312dc3c): ours 30.1 s/step
@@ -75,6 +76,7 @@ def our_config(args, total_steps: int, out_dir: str) -> dict:
             "max_prompt_length": 256,
             "max_new_tokens": args.max_new_tokens,
             "response_bucket": 0,  # train on all max_new_tokens columns: one shape, one compile
+            "weight_dtype": args.weight_dtype,
         },
         "algo": {
             "adv_estimator": "grpo",
@@ -381,6 +383,7 @@ def parse_args(argv=None):
                    help="turn off TRL's default gradient checkpointing")  # fmt: skip
     p.add_argument("--scan-layers", action="store_true", help="ours: model.scan_layers")
     p.add_argument("--remat", action="store_true", help="ours: model.gradient_checkpointing")
+    p.add_argument("--weight-dtype", default="", help="ours: rollout.weight_dtype (bfloat16)")
     p.add_argument("--no-memory-config", dest="memory_config", action="store_false",
                    help="skip our second run (scan_layers + grad ckpt)")  # fmt: skip
     p.add_argument("--side", choices=("both", "ours", "trl"), default="both")

@@ -3,6 +3,9 @@ defaults of `rollout.max_logp_gap` (config.LOGP_GAP_DEFAULTS) and `rollout.merge
 
     python scripts/measure_logp_gap.py [--model smollm2] [--steps 4] [--dtypes float32,bfloat16]
 
+`--dtypes bf16w`: a float32 run with `rollout.weight_dtype=bfloat16` (the fp32 merge rounded to
+bf16 for decode, fp32 activations).
+
 For each dtype (compute and parameter dtype alike) it trains the demo task (GRPO + LoRA r=16 on
 all seven projections, lr 5e-4, a small batch) in this process with the rollout weights
   ok:     the trained adapter (the real run; merged in float32, unmerged in bf16: merge=auto)
@@ -53,7 +56,11 @@ def config(args, dtype: str, sync: str, out: str):
     spec.loader.exec_module(demo)
     c = demo.get_config()
     c.model.path = args.model
-    c.model.update(dtype=dtype, param_dtype=dtype)
+    if dtype == "bf16w":  # a float32 run whose rollouts decode bf16-rounded merged weights
+        c.model.update(dtype="float32", param_dtype="float32")
+        c.rollout.weight_dtype = "bfloat16"
+    else:
+        c.model.update(dtype=dtype, param_dtype=dtype)
     c.rollout.update(num_generations=4, max_new_tokens=32, logp_gap_action="off")
     c.rollout.merge = "always" if sync == "merged" else "auto"
     c.data.update(batch_size=2, max_val_samples=0)
@@ -86,7 +93,7 @@ def main():
     args = p.parse_args()
     rows = []
     for dtype in args.dtypes.split(","):
-        syncs = ["ok", "stale", "base"] + (["merged"] if dtype != "float32" else [])
+        syncs = ["ok", "stale", "base"] + (["merged"] if dtype == "bfloat16" else [])
         for sync in syncs:
             gaps = measure(args, dtype, sync)
             rows.append((dtype, sync, gaps))
