@@ -25,8 +25,8 @@
   memory and bytes read per decode step, faster bf16 dots. The sampler then draws from the
   bf16-rounded policy (updates below half a bf16 step of W are lost, as above), the
   vLLM-bf16-rollout / fp32-trainer split of verl: the trainer's fp32 log-probs stay π_old, the
-  gap is measured (`rollout/logp_gap_*`, gated at the bf16 default) and `algo.rollout_is`
-  corrects for it.
+  gap is measured (`rollout/logp_gap_*`, gated at `config.LOGP_GAP_BF16_WEIGHTS`) and
+  `algo.rollout_is` corrects for it.
 """
 
 from __future__ import annotations
