@@ -113,6 +113,7 @@ def bench_ours(model_dir, ids, mask, pad_id, stop_ids, args):
     import jax.numpy as jnp
 
     from lorarl_jax.model.hf import load_hf_model
+    from lorarl_jax.sampling.rollout_weights import round_weights
     from lorarl_jax.sampling.sampler import prefill
 
     new_tokens, repeats = args.new_tokens, args.repeats
@@ -123,8 +124,6 @@ def bench_ours(model_dir, ids, mask, pad_id, stop_ids, args):
     pre = pre.compile()
     jax.block_until_ready(pre(params, ids, mask))
     prefill_s, _ = _best(lambda r: jax.block_until_ready(pre(params, ids, mask)), repeats)
-    from lorarl_jax.sampling.rollout_weights import round_weights
-
     variants = {OURS: (True, "")} | ({OURS_PER_ROW: (False, "")} if args.n > 1 else {})
     if "bfloat16" in args.weight_dtypes.split(","):
         variants[OURS_BF16] = (True, "bfloat16")
