@@ -115,7 +115,8 @@ def format_table(cfg: ModelConfig, lcfg, wl: Workload, prec: Precision, opts: Op
         f"rollout merge {opts.merge}, "
         f"critic {'on' if opts.critic else 'off'}",
         f"weights {prec.param_dtype}, compute {prec.dtype}, adapter {prec.adapter_dtype}, AdamW "
-        f"moments {prec.opt_dtype}, NF4 double quant {'on' if prec.double_quant else 'off'}",
+        f"moments {prec.opt_dtype}, NF4 double quant {'on' if prec.double_quant else 'off'}"
+        + (f", rollout weights {prec.rollout_weight_dtype}" if prec.rollout_weight_dtype else ""),
         f"mesh data={data} fsdp={fsdp} tensor={tensor}: GiB per device",
         "",
     ]
@@ -163,6 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter_dtype", default="float32")
     p.add_argument("--opt_dtype", default="float32", help="AdamW moments dtype")
     p.add_argument("--double_quant", action="store_true", help="QLoRA: 8-bit absmax scales")
+    p.add_argument("--rollout_weight_dtype", default="", choices=("", "bfloat16"),
+                   help="rollout.weight_dtype: the merged copy's matrices in it")  # fmt: skip
     p.add_argument("--merge", choices=("auto", "always", "never"), default="auto",
                    help="rollout weights: auto = LoRA merged, QLoRA unmerged")  # fmt: skip
     p.add_argument("--critic", action="store_true", help="PPO: add a full-parameter critic")
@@ -181,6 +184,7 @@ def from_args(args: argparse.Namespace):
         adapter_dtype=args.adapter_dtype,
         opt_dtype=args.opt_dtype,
         double_quant=args.double_quant,
+        rollout_weight_dtype=args.rollout_weight_dtype,
     )
     targets = tuple(t for arg in args.target_modules for t in arg.split(",") if t)
     lcfg = LoraConfig(r=args.r, lora_alpha=2.0 * args.r, target_modules=targets)

@@ -84,6 +84,7 @@ class Precision:
     adapter_dtype: str = "float32"  # LoRA A/B and their gradients
     opt_dtype: str = "float32"  # AdamW moments (optax keeps them in the parameter dtype)
     double_quant: bool = False  # QLoRA: 8-bit absmax scales
+    rollout_weight_dtype: str = ""  # `rollout.weight_dtype`: the merged copy's matrices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +279,18 @@ def merge_work_bytes(adapted: list[Leaf], mesh) -> int:
     return max((shard_elems(x, mesh) * 4 for x in adapted), default=0)
 
 
+def merged_bytes(dense: list[Leaf], mesh, weight_dtype: str = "") -> int:
+    """The LoRA merged copy, laid out by `DECODE_RULES`; with `rollout.weight_dtype` its matrices
+    (ndim ≥ 2: linear kernels, embedding, LM head; `rollout_weights.round_weights`) are stored
+    in that dtype, the vectors (norms, biases) as they are."""
+    dec = mesh_lib.DECODE_RULES
+    if not weight_dtype:
+        return leaf_bytes(dense, mesh, rules=dec)
+    mats = [x for x in dense if len(x.shape) >= 2]
+    vecs = [x for x in dense if len(x.shape) < 2]
+    return leaf_bytes(mats, mesh, _itemsize(weight_dtype), dec) + leaf_bytes(vecs, mesh, None, dec)
+
+
 def _qlora_weights(cfg: ModelConfig, prec: Precision, mesh) -> tuple[int, int, int]:
     """Per device: (the NF4 leaves as `quant.py` lays them out, the weights left unquantized
     (embeddings, head, biases, norms, as the loader stores them), the merged tree: the linear
@@ -316,7 +329,7 @@ def estimate(
     q_layers = _qlora_layer_bytes(cfg, prec, mesh)
     w_layers = leaf_bytes([x for x in dense if x.in_layers], mesh)
     on = wl.scan_layers
-    w_decode = leaf_bytes(dense, mesh, rules=mesh_lib.DECODE_RULES)  # the merged copy's layout
+    w_decode = merged_bytes(dense, mesh, prec.rollout_weight_dtype)
     merge_lora, merge_qlora = opts.merge != "never", opts.merge == "always"  # auto: see Options
     adapted = [x for x in dense if is_linear(x) and x.path[-2] in lcfg.target_modules]
     products = merge_work_bytes(adapted, mesh)
