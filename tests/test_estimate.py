@@ -3,6 +3,7 @@ division, the seed's 7B claims, the CLI, and (slow) the step estimate vs XLA's m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -267,13 +268,11 @@ def test_merged_copy_bytes_match_the_jitted_merge(name):
     for wd in ("", "bfloat16"):
         merged = jit_merge(cfg, lcfg, weight_dtype=wd)(params, lora)
         real = sum(x.nbytes for x in jax.tree.leaves(merged))
-        p = M.Precision(**{**prec.__dict__, "rollout_weight_dtype": wd})
+        p = dataclasses.replace(prec, rollout_weight_dtype=wd)
         est = M.estimate(cfg, lcfg, M.Workload(), p, M.Options())["lora"]
         assert est.merged == real and est.sampler_weights == real
     mats = sum(x.nbytes for x in jax.tree.leaves(params) if x.ndim >= 2)
+    bf16 = dataclasses.replace(prec, rollout_weight_dtype="bfloat16")
     full = M.estimate(cfg, lcfg, M.Workload(), prec, M.Options())["lora"].merged
-    half = M.estimate(
-        cfg, lcfg, M.Workload(), M.Precision("float32", "float32", rollout_weight_dtype="bfloat16"),
-        M.Options(),
-    )["lora"].merged  # fmt: skip
+    half = M.estimate(cfg, lcfg, M.Workload(), bf16, M.Options())["lora"].merged
     assert full - half == mats // 2
