@@ -27,6 +27,8 @@ GFLOP/s, reference 619 at 116 (83 % of the matmul rate), update 1436 at 95 (61 %
 the rollout is at its probe's rate; the other two at 100 % would make the step 23.0 s, 2.6x TRL.
 AMD EPYC (Zen 4, 2 cores, 2026-12-03, 59071e8): ours 31.3 s/step, 3.11 GiB; low-memory 44.5 s,
 2.39 GiB; TRL 174.4 s, 8.16 GiB: 5.58x (3.92x low-memory); per phase 87 / 65 / 60 % of the rate.
+AMD EPYC again (2026-12-04, clean clone of 75e5b65, quiet): ours 21.4 s/step, 3.04 GiB; low-memory
+28.9 s, 2.30 GiB; TRL 67.3 s, 7.86 GiB: 3.15x (2.33x low-memory); per phase 85 / 81 / 72 %.
 Under load from other processes TRL slows far more than ours, so check the printed load averages.
 """
 
