@@ -283,12 +283,10 @@ def merged_bytes(dense: list[Leaf], mesh, weight_dtype: str = "") -> int:
     """The LoRA merged copy, laid out by `DECODE_RULES`; with `rollout.weight_dtype` its matrices
     (ndim ≥ 2: linear kernels, embedding, LM head; `rollout_weights.round_weights`) are stored
     in that dtype, the vectors (norms, biases) as they are."""
-    dec = mesh_lib.DECODE_RULES
-    if not weight_dtype:
-        return leaf_bytes(dense, mesh, rules=dec)
+    dec, size = mesh_lib.DECODE_RULES, _itemsize(weight_dtype) if weight_dtype else None
     mats = [x for x in dense if len(x.shape) >= 2]
     vecs = [x for x in dense if len(x.shape) < 2]
-    return leaf_bytes(mats, mesh, _itemsize(weight_dtype), dec) + leaf_bytes(vecs, mesh, None, dec)
+    return leaf_bytes(mats, mesh, size, dec) + leaf_bytes(vecs, mesh, None, dec)
 
 
 def _qlora_weights(cfg: ModelConfig, prec: Precision, mesh) -> tuple[int, int, int]:
