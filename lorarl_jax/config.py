@@ -148,7 +148,9 @@ class AlgoCfg:
     entropy_coeff: float = 0.0
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 0  # prompts per optimizer update; 0 = the whole batch
-    micro_batch_size: int = 0  # sequences per gradient micro-batch; 0 = the whole mini-batch
+    # sequences per gradient micro-batch (whole groups, or a divisor of num_generations: sub-groups
+    # that each run their prompt); 0 = the whole mini-batch
+    micro_batch_size: int = 0
     reference: str = "base"  # base | init_adapter
     logprob_chunk: int = 64
     # run guards: stop after this many consecutive steps whose every update was skipped

@@ -23,6 +23,9 @@ class BatchSizes:
     rows_per_micro: int  # algo.micro_batch_size sequences, or the whole mini-batch
     n_micro: int  # micro-batches per update
     total_updates: int  # trainer.steps × updates_per_step: the schedules' length
+    # > 1 when a micro-batch holds part of one group (micro_batch_size divides
+    # num_generations): each group runs as `group_split` sub-groups, each with its prompt
+    group_split: int = 1
 
     @property
     def off_policy(self) -> bool:
@@ -37,12 +40,18 @@ def batch_sizes(cfg: RunConfig) -> BatchSizes:
     if prompts % per_mb:
         raise ValueError(f"algo.ppo_mini_batch_size={per_mb} must divide data.batch_size={prompts}")
     micro = a.micro_batch_size or per_mb * n
-    if micro % n or (per_mb * n) % micro:
+    if (micro % n and n % micro) or (per_mb * n) % micro:
         raise ValueError(
-            f"algo.micro_batch_size={micro} must be a multiple of rollout.num_generations={n} "
-            f"and divide the mini-batch ({per_mb * n} sequences)"
+            f"algo.micro_batch_size={micro} must divide or be a multiple of "
+            f"rollout.num_generations={n}, and divide the mini-batch ({per_mb * n} sequences)"
         )
     updates = a.ppo_epochs * (prompts // per_mb)
     return BatchSizes(
-        prompts, per_mb, updates, micro, per_mb * n // micro, cfg.trainer.steps * updates
+        prompts,
+        per_mb,
+        updates,
+        micro,
+        per_mb * n // micro,
+        cfg.trainer.steps * updates,
+        group_split=max(1, n // micro),
     )

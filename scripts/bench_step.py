@@ -15,8 +15,10 @@ untimed steps (our first one compiles), then `--steps` timed ones; the table rep
 Ours also reports the XLA compile seconds caught by `jax.monitoring` (first step, plus any shape
 recompile in a timed step, which is subtracted from that step and listed). TRL uses
 `--threads` torch threads and its default gradient checkpointing unless `--no-trl-gc`.
-Ours runs twice: the default config, and the low-memory one (`model.scan_layers` +
-`gradient_checkpointing`, as TRL checkpoints by default); `--no-memory-config` skips the second.
+Ours runs twice: the default config, and a lower-memory one: `--memory-config half-group`
+(default; `algo.micro_batch_size` = half a group, each prompt run once per sub-group) or
+`scan-remat` (`model.scan_layers` + `gradient_checkpointing`, as TRL checkpoints by default);
+`--no-memory-config` skips the second.
 `--weight-dtype bfloat16`: ours decodes on bf16-rounded merged weights (`rollout.weight_dtype`).
 Ours also prints per phase (rollout, reference log-probs, update) the GFLOP it ran, the GFLOP/s
 it reached and the matmul rate of its shapes measured in the same process (`phase_rates`).
@@ -49,6 +51,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common
 
+# our second, lower-memory run: extra arguments, and its row's label
+MEMORY_CONFIGS = {
+    "half-group": lambda a: ["--micro-batch-size", str(max(1, a.generations // 2))],
+    "scan-remat": lambda a: ["--scan-layers", "--remat"],
+}
+MEMORY_LABELS = {"half-group": "micro-batch of half a group", "scan-remat": "scan + grad ckpt"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -307,11 +315,15 @@ def run_side(side: str, argv: list[str]) -> dict:
     cmd = [sys.executable, __file__, *argv, "--side", side, "--json-out", out]
     subprocess.run(cmd, check=True)
     with open(out) as f:
-        return json.load(f)
+        r = json.load(f)
+    # each side's result as soon as it is in, should a later side fail
+    print(f"[{side}] {' '.join(argv)}: median {statistics.median(r['step_s']):.2f} s/step, "
+          f"peak RSS {r['peak_rss_gib']:.2f} GiB, {out}", flush=True)  # fmt: skip
+    return r
 
 
 def print_table(args, ours: dict, trl: dict, mem: dict | None = None) -> None:
-    """`mem`: ours with model.scan_layers + gradient_checkpointing (the low-memory config)."""
+    """`mem`: ours in the lower-memory config (`--memory-config`), or None."""
     o, t = statistics.median(ours["step_s"]), statistics.median(trl["step_s"])
     mode = "forced to" if args.force_length else "stop at EOS, max"
     from bench_common import cpu_model
@@ -326,7 +338,7 @@ def print_table(args, ours: dict, trl: dict, mem: dict | None = None) -> None:
     gc = "grad ckpt" if args.trl_gc else "no grad ckpt"
     rows = [("lorarl_jax (jit)", ours), (f"TRL GRPOTrainer+PEFT ({gc})", trl)]
     if mem is not None:
-        rows.insert(1, ("lorarl_jax (scan + grad ckpt)", mem))
+        rows.insert(1, (f"lorarl_jax ({MEMORY_LABELS[mem['label']]})", mem))
     for name, r in rows:
         row = f"{name:<34}{statistics.median(r['step_s']):>14.2f}{r['peak_rss_gib']:>14.2f}"
         print(row + f"{r['length']:>10.1f}{r['reward']:>8.3f}")
@@ -334,7 +346,7 @@ def print_table(args, ours: dict, trl: dict, mem: dict | None = None) -> None:
           f"{ours['peak_rss_gib'] / trl['peak_rss_gib']:.2f}")  # fmt: skip
     if mem is not None:
         m = statistics.median(mem["step_s"])
-        print(f"scan + grad ckpt: speed-up TRL / ours {t / m:.2f}x, RSS ours / TRL "
+        print(f"{MEMORY_LABELS[mem['label']]}: speed-up TRL / ours {t / m:.2f}x, RSS ours / TRL "
               f"{mem['peak_rss_gib'] / trl['peak_rss_gib']:.2f}, compile {mem['compile_s']:.1f} s, "
               "per phase " + ", ".join(f"{k.split('/')[1]} {v:.2f}"
                                        for k, v in mem["breakdown"].items()))  # fmt: skip
@@ -386,8 +398,11 @@ def parse_args(argv=None):
     p.add_argument("--scan-layers", action="store_true", help="ours: model.scan_layers")
     p.add_argument("--remat", action="store_true", help="ours: model.gradient_checkpointing")
     p.add_argument("--weight-dtype", default="", help="ours: rollout.weight_dtype (bfloat16)")
-    p.add_argument("--no-memory-config", dest="memory_config", action="store_false",
-                   help="skip our second run (scan_layers + grad ckpt)")  # fmt: skip
+    p.add_argument("--memory-config", choices=tuple(MEMORY_CONFIGS), default="half-group",
+                   help="our second run: micro-batches of half a group, or scan_layers + grad "
+                   "ckpt")  # fmt: skip
+    p.add_argument("--no-memory-config", dest="memory_config", action="store_const", const=None,
+                   help="skip our second run")  # fmt: skip
     p.add_argument("--side", choices=("both", "ours", "trl"), default="both")
     p.add_argument("--json-out", default="", help="(internal) where a single side writes results")
     return p.parse_args(argv)
@@ -410,7 +425,10 @@ def main(argv: list[str] | None = None) -> dict:
                 json.dump(result, f)
         return result
     ours = run_side("ours", argv)  # a later --side wins
-    mem = run_side("ours", argv + ["--scan-layers", "--remat"]) if args.memory_config else None
+    mem = None
+    if args.memory_config:
+        mem = run_side("ours", argv + MEMORY_CONFIGS[args.memory_config](args))
+        mem["label"] = args.memory_config
     trl = run_side("trl", argv)
     print_table(args, ours, trl, mem)
     return {"ours": ours, "ours_memory_config": mem, "trl": trl}

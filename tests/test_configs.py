@@ -81,8 +81,8 @@ def test_derived_defaults_are_resolved_once():
     "group,key,value,needle",
     [
         ("algo", "ppo_mini_batch_size", 3, "algo.ppo_mini_batch_size=3 must divide"),
-        ("algo", "micro_batch_size", 12, "algo.micro_batch_size=12 must be a multiple"),
-        ("algo", "micro_batch_size", 3, "algo.micro_batch_size=3 must be a multiple"),
+        ("algo", "micro_batch_size", 12, "algo.micro_batch_size=12 must divide or be a multiple"),
+        ("algo", "micro_batch_size", 3, "algo.micro_batch_size=3 must divide or be a multiple"),
     ],
 )
 def test_batch_arithmetic_is_checked_with_the_config(group, key, value, needle):
@@ -94,3 +94,7 @@ def test_batch_arithmetic_is_checked_with_the_config(group, key, value, needle):
     c[group][key] = 0
     sizes = batch_sizes(from_config_dict(c))
     assert (sizes.prompts_per_update, sizes.rows_per_micro, sizes.n_micro) == (4, 32, 1)
+    assert sizes.group_split == 1
+    c.algo.micro_batch_size = 4  # half a group: each group runs as two sub-groups of 4 rows
+    sizes = batch_sizes(from_config_dict(c))
+    assert (sizes.rows_per_micro, sizes.n_micro, sizes.group_split) == (4, 8, 2)

@@ -10,7 +10,7 @@ optimizer updates of two micro-batches each; each run logs metrics.jsonl and exp
 adapter. PPO (GAE, the full-parameter critic sharded as the base) runs on 2 processes × 4
 devices, mesh (1,2,4), against its own one-device run; the scanned decoder with remat
 (model.scan_layers) against the unrolled reference on one device and on mesh (1,2,4); and
-micro-batches of 32 and 2 sequences against the reference's 16.
+micro-batches of 32, 2 and 1 sequences against the reference's 16.
 
 Tolerance (fp32; measured on this machine in brackets): loss, grad norm, KL loss and entropy
 ≤ 1e-5 relative [≤ 2e-6]; every other logged number ≤ 1e-4 · max(|ref|, 1e-3) [≤ 2.3e-5, ppo_kl,
@@ -165,9 +165,10 @@ def test_mesh_equals_single_device(mesh, runs, reference):
 
 def test_micro_batch_size_does_not_change_the_run(runs, reference):
     """The loss is normalised over the whole mini-batch: one micro-batch per update (32
-    sequences) and one group per micro-batch (2) give the reference's run (16), on variable-length
-    responses (each step's responses have different lengths)."""
-    for micro in (32, 2):
+    sequences), one group per micro-batch (2) and half a group (1: each prompt run once per
+    sub-group) give the reference's run (16), on variable-length responses (each step's
+    responses have different lengths)."""
+    for micro in (32, 2, 1):
         ov = dict(runs(f"micro_{micro}", (1, 1, 1)), **{"algo.micro_batch_size": micro})
         _train(ov, 1)
         d = _differences(ov["trainer.output_dir"], reference)

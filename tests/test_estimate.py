@@ -180,6 +180,25 @@ def test_qlora_rl_on_7b_fits_a_24gb_card():
 def test_workload_checks_micro_batch():
     with pytest.raises(ValueError, match="micro_batch"):
         _ = M.Workload(batch=2, num_generations=4, micro_batch=6).micro
+    with pytest.raises(ValueError, match="micro_batch"):
+        _ = M.Workload(batch=2, num_generations=4, micro_batch=3).micro
+
+
+def test_sub_group_micro_batch_counts_its_prompt_once():
+    """micro_batch=2 of groups of 4 (sub-groups, each with its prompt) keeps what one whole group
+    of 2 keeps: 1 prompt + 2 responses."""
+    cfg = E.model_config("smollm2-135m", M.Precision())
+    prec, lcfg = M.Precision(), LoraConfig(r=8)
+    half = M.Workload(batch=2, num_generations=4, seq=64, max_new_tokens=32, micro_batch=2)
+    whole = M.Workload(batch=4, num_generations=2, seq=64, max_new_tokens=32, micro_batch=2)
+    assert half.micro == 2
+    for remat in (False, True):
+        a, b = (
+            M.activation_bytes(cfg, lcfg, w, prec, (1, 1, 1), "lora", remat) for w in (half, whole)
+        )
+        assert a == b
+        full = dataclasses.replace(half, micro_batch=4)
+        assert M.activation_bytes(cfg, lcfg, full, prec, (1, 1, 1), "lora", remat) > a
 
 
 def test_cli_on_config_json_and_preset(tmp_path, capsys):

@@ -264,14 +264,17 @@ def _with_logps(setup, b):
     return b
 
 
-def _grads(setup, b, algo, n_micro):
+def _grads(setup, b, algo, n_micro, group_split=1):
     cfg, base, lcfg, lora = setup
     loss_fn = functools.partial(
-        S.policy_loss_fn, cfg=cfg, lcfg=lcfg, algo=algo, temperature=1.0, n=G
+        S.policy_loss_fn, cfg=cfg, lcfg=lcfg, algo=algo, temperature=1.0, n=G // group_split
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    key = jax.random.key(0)
     f = jax.jit(
-        lambda lo, bb: S.accumulate_grads(grad_fn, lo, base, bb, jax.random.key(0), n_micro, algo)
+        lambda lo, bb: S.accumulate_grads(
+            grad_fn, lo, base, bb, key, n_micro, algo, group_split=group_split
+        )
     )
     return f(lora, b)
 
@@ -284,8 +287,9 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("mode", losses.AGG_MODES)
 def test_gradient_does_not_depend_on_micro_batch_size(setup, mode):
-    """Whole mini-batch vs halves vs one group per micro-batch, unequal response lengths, with
-    the KL-loss, entropy and rollout-IS terms on: the same loss, gradient and metrics."""
+    """Whole mini-batch vs halves vs one group per micro-batch vs half a group (one row, its
+    prompt run once per sub-group), unequal response lengths, with the KL-loss, entropy and
+    rollout-IS terms on: the same loss, gradient and metrics."""
     lora = jax.tree.map(lambda x: x + 0.03, setup[3])  # non-zero B: every term has a gradient
     st = (*setup[:3], lora)
     algo = AlgoCfg(
@@ -298,9 +302,10 @@ def test_gradient_does_not_depend_on_micro_batch_size(setup, mode):
     )
     b = _with_logps(st, _ragged_batch())
     ref_loss, ref_g, ref_m = _grads(st, b, algo, 1)
-    for n_micro in (2, 4):  # 4 prompts: halves, then one group (G rows) per micro-batch
-        loss, g, m = _grads(st, b, algo, n_micro)
-        assert _rel(g, ref_g) <= 1e-5, (mode, n_micro, _rel(g, ref_g))
+    # 4 prompts: halves, one group (G rows) per micro-batch, one row (half a group) per micro-batch
+    for n_micro, split in ((2, 1), (4, 1), (8, 2)):
+        loss, g, m = _grads(st, b, algo, n_micro, split)
+        assert _rel(g, ref_g) <= 1e-5, (mode, n_micro, split, _rel(g, ref_g))
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
         for k in ref_m:
             np.testing.assert_allclose(float(m[k]), float(ref_m[k]), rtol=1e-5, atol=1e-7)

@@ -69,9 +69,10 @@ class Workload:
     @property
     def micro(self) -> int:
         m = self.micro_batch or self.rows
-        if m % self.num_generations or self.rows % m:
+        n = self.num_generations
+        if (m % n and n % m) or self.rows % m:
             raise ValueError(
-                f"micro_batch={m} must be a multiple of num_generations={self.num_generations} "
+                f"micro_batch={m} must divide or be a multiple of num_generations={n} "
                 f"and divide batch × num_generations = {self.rows}"
             )
         return m
@@ -216,7 +217,7 @@ def activation_bytes(
     """
     (dp, tp), e = _splits(mesh), _itemsize(prec.dtype)
     rows = -(-wl.micro // dp)
-    prompts = -(-(wl.micro // wl.num_generations) // dp)
+    prompts = -(-max(1, wl.micro // wl.num_generations) // dp)  # a sub-group: its prompt
     tokens = prompts * wl.seq + rows * wl.max_new_tokens
     S = wl.seq + wl.max_new_tokens
     rep, split = layer_elems(cfg, mode, lcfg)

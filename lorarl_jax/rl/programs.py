@@ -209,6 +209,7 @@ def build_programs(
         sizes.n_micro,
         shardings=place.step_shardings(),
         labels=labels,
+        group_split=sizes.group_split,
     )
     logprobs, ref_logprobs = _logprobs(static, place)
     critic_values = critic_update = None

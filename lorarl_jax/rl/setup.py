@@ -172,8 +172,9 @@ def _check_mesh(static: Static, mesh, has_val: bool) -> None:
     batches = {
         "data.batch_size": sizes.prompts,
         "algo.ppo_mini_batch_size": sizes.prompts_per_update,
-        f"algo.micro_batch_size={sizes.rows_per_micro} / rollout.num_generations={n}": (
-            sizes.rows_per_micro // n
+        # a micro-batch of part of a group holds that sub-group's one prompt
+        f"algo.micro_batch_size={sizes.rows_per_micro} / rollout.num_generations={n}": max(
+            1, sizes.rows_per_micro // n
         ),
     }
     if has_val:

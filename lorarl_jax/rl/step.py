@@ -9,10 +9,13 @@
   adapter leaves (the `lora_a` / `lora_b` leaves) as trainable, so state is 2 × adapter size +
   counters; in full mode AdamW on the parameters `full.*` selects, zero updates on the rest.
 - Each prompt is run once for its n samples (`shared_prompt_logprobs`); the batch is split into
-  micro-batches of whole groups, accumulated with `lax.scan`. Every loss term is divided by the
-  whole mini-batch's denominator (tokens, sequences or Dr.GRPO's B·C, `minibatch_denominators`)
-  and the micro-batch gradients are summed, so the update does not depend on the micro-batch
-  size or on how many data shards hold the batch.
+  micro-batches of whole groups, accumulated with `lax.scan`. A micro-batch smaller than a group
+  (`group_split` = n / micro-batch rows) runs each group as sub-groups of n / group_split rows,
+  each with its own copy of the prompt (`split_groups`): the prompt is computed once per
+  sub-group, for an XLA temp that scales with the micro-batch's rows. Every loss term is divided
+  by the whole mini-batch's denominator (tokens, sequences or Dr.GRPO's B·C,
+  `minibatch_denominators`) and the micro-batch gradients are summed, so the update does not
+  depend on the micro-batch size or on how many data shards hold the batch.
 - `algo.rollout_is` multiplies the per-token policy loss by detached importance weights
   π_old / π_sampler (`rl/rollout_corr.py`).
 - A non-finite loss or gradient skips the update (params and optimizer state unchanged) and is
@@ -213,6 +216,15 @@ def _policy_loss(algo: AlgoCfg, logp, old_logp, adv, mask, weights, denoms, agg)
     )
 
 
+def split_groups(batch, group_split: int):
+    """Each prompt row repeated `group_split` times: [b, P] → [b·k, P], so the b·n response rows
+    read as b·k groups of n/k (rows are grouped contiguously by prompt)."""
+    if group_split == 1:
+        return batch
+    rep = lambda x: jnp.repeat(x, group_split, axis=0)  # noqa: E731
+    return {k: rep(v) if k.startswith("prompt_") else v for k, v in batch.items()}
+
+
 def _split_micro(batch, n_micro: int):
     return jax.tree.map(lambda x: x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:]), batch)
 
@@ -221,12 +233,15 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def accumulate_grads(grad_fn, lora, base, batch, key, n_micro: int, algo: AlgoCfg, micro_sh=None):
+def accumulate_grads(
+    grad_fn, lora, base, batch, key, n_micro: int, algo: AlgoCfg, micro_sh=None, group_split=1
+):
     """Σ over micro-batches of (loss, grad, metrics) of `grad_fn(lora, base, mb, key, denoms)`,
     with `denoms` of the whole batch: exactly the whole batch's loss and gradient (up to float
-    summation order). `*_max` metrics take the max over micro-batches."""
+    summation order). `*_max` metrics take the max over micro-batches. `group_split` > 1: the
+    groups are split into sub-groups first (`split_groups`; `grad_fn` takes n / group_split)."""
     denoms = minibatch_denominators(batch, algo)
-    micro = _split_micro(batch, n_micro)
+    micro = _split_micro(split_groups(batch, group_split), n_micro)
     if micro_sh is not None and n_micro > 1:  # [M, rows/M, ...]: scan over M, rows split
         micro = jax.lax.with_sharding_constraint(micro, micro_sh)
     keys = jax.random.split(key, n_micro)
@@ -252,11 +267,13 @@ def make_policy_step(
     n_micro: int = 1,
     shardings=None,
     labels=None,
+    group_split: int = 1,
 ):
     """Returns jitted `step(lora, opt_state, base, batch, key) → (lora, opt_state, metrics)`.
 
-    `n` samples per prompt; the batch's prompts are split into `n_micro` micro-batches (each
-    keeps whole groups, so prompts are still computed once per group). `shardings`: the
+    `n` samples per prompt; the batch's rows are split into `n_micro` micro-batches, each of
+    whole groups (prompts computed once per group) or, with `group_split` k > 1, of one
+    sub-group of n/k rows (its prompt computed once per sub-group). `shardings`: the
     `(lora, opt_state, base, batch)` shardings (`rl/sharding.py`), which the step keeps: the
     updated adapter and optimizer state come out as they went in (donated, updated in place),
     each micro-batch stays split over the batch axes, key and metrics are replicated.
@@ -267,7 +284,7 @@ def make_policy_step(
         lcfg=lcfg,
         algo=algo,
         temperature=temperature,
-        n=n,
+        n=n // group_split,
         labels=labels,
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -284,7 +301,7 @@ def make_policy_step(
     @functools.partial(jax.jit, donate_argnums=(0, 1), **jit_kw)
     def step(lora, opt_state, base, batch, key):
         loss, grads, metrics = accumulate_grads(
-            grad_fn, lora, base, batch, key, n_micro, algo, micro_sh
+            grad_fn, lora, base, batch, key, n_micro, algo, micro_sh, group_split
         )
         ok = _all_finite(grads) & jnp.isfinite(loss)
 
