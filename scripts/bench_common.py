@@ -55,18 +55,22 @@ def lora_flops(cfg, r: int) -> int:
     return 2 * cfg.num_layers * sum(r * (i + o) for i, o in layer_shapes(cfg))
 
 
-def matmul_rate(cfg, rows: int, head: bool = True, repeats: int = 5) -> float:
-    """GFLOP/s of fp32 `x[rows, in] @ w[in, out]` over one layer's linear shapes (and the LM head),
-    each jitted alone, best of `repeats`: the rate XLA reaches on this machine at these shapes."""
+def matmul_rate(
+    cfg, rows: int, head: bool = True, repeats: int = 5, dtype: str = "float32"
+) -> float:
+    """GFLOP/s of `x[rows, in] @ w[in, out]` over one layer's linear shapes (and the LM head),
+    each jitted alone, best of `repeats`: the rate XLA reaches on this machine at these shapes.
+    `dtype` bfloat16: both operands in bf16, fp32 result (how the rollout's dots run on
+    `rollout.weight_dtype=bfloat16` weights, `model/lora.py`)."""
     import jax
     import jax.numpy as jnp
 
     shapes = layer_shapes(cfg) + ([(cfg.hidden_size, cfg.vocab_size)] if head else [])
-    mm = jax.jit(lambda x, w: x @ w)
+    mm = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
     flops, seconds = 0.0, 0.0
     for i, o in shapes:
-        x = jax.random.normal(jax.random.key(0), (rows, i), jnp.float32)
-        w = jax.random.normal(jax.random.key(1), (i, o), jnp.float32)
+        x = jax.random.normal(jax.random.key(0), (rows, i), jnp.float32).astype(dtype)
+        w = jax.random.normal(jax.random.key(1), (i, o), jnp.float32).astype(dtype)
         jax.block_until_ready(mm(x, w))
         best = float("inf")
         for _ in range(repeats):

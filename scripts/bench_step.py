@@ -31,6 +31,9 @@ AMD EPYC (Zen 4, 2 cores, 2026-12-03, 59071e8): ours 31.3 s/step, 3.11 GiB; low-
 2.39 GiB; TRL 174.4 s, 8.16 GiB: 5.58x (3.92x low-memory); per phase 87 / 65 / 60 % of the rate.
 AMD EPYC again (2026-12-04, clean clone of 75e5b65, quiet): ours 21.4 s/step, 3.04 GiB; low-memory
 28.9 s, 2.30 GiB; TRL 67.3 s, 7.86 GiB: 3.15x (2.33x low-memory); per phase 85 / 81 / 72 %.
+AMD EPYC (2026-12-04, bc9a2c5): ours 25.39 s/step, 3.04 GiB; micro-batch of half a group 25.69 s,
+2.41 GiB; TRL 74.63 s: 2.94x / 2.90x. With --weight-dtype bfloat16 (the demo's rollout setting),
+next run: 22.35 s, 3.04 GiB; half a group 21.88 s, 2.42 GiB; TRL 74.54 s, 8.13 GiB: 3.34x / 3.41x.
 Under load from other processes TRL slows far more than ours, so check the printed load averages.
 """
 
@@ -208,8 +211,9 @@ def phase_rates(args, cfg, shapes, decoded: float, breakdown: dict) -> list[tupl
     if args.remat:
         upd += lin + att + lora
     train_rate = matmul_rate(cfg, B * N)  # the reference and the update run the same rows
+    rollout_rate = matmul_rate(cfg, B, dtype=args.weight_dtype or "float32")  # its weights' dtype
     rows = (
-        ("rollout (prefill + decode)", rollout, breakdown["time/rollout"], matmul_rate(cfg, B)),
+        ("rollout (prefill + decode)", rollout, breakdown["time/rollout"], rollout_rate),
         ("reference log-probs", ref, breakdown["time/logprobs"], train_rate),
         ("update (fwd + bwd)", upd, breakdown["time/update"], train_rate),
     )
