@@ -221,8 +221,10 @@ def split_groups(batch, group_split: int):
     read as b·k groups of n/k (rows are grouped contiguously by prompt)."""
     if group_split == 1:
         return batch
-    rep = lambda x: jnp.repeat(x, group_split, axis=0)  # noqa: E731
-    return {k: rep(v) if k.startswith("prompt_") else v for k, v in batch.items()}
+    return {
+        k: jnp.repeat(v, group_split, axis=0) if k.startswith("prompt_") else v
+        for k, v in batch.items()
+    }
 
 
 def _split_micro(batch, n_micro: int):
