@@ -54,12 +54,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common
 
-# our second, lower-memory run: extra arguments, and its row's label
+# our second, lower-memory run (`--memory-config`): its row's label and extra arguments
 MEMORY_CONFIGS = {
-    "half-group": lambda a: ["--micro-batch-size", str(max(1, a.generations // 2))],
-    "scan-remat": lambda a: ["--scan-layers", "--remat"],
+    "half-group": (
+        "micro-batch of half a group",
+        lambda a: ["--micro-batch-size", str(max(1, a.generations // 2))],
+    ),
+    "scan-remat": ("scan + grad ckpt", lambda a: ["--scan-layers", "--remat"]),
 }
-MEMORY_LABELS = {"half-group": "micro-batch of half a group", "scan-remat": "scan + grad ckpt"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -337,20 +339,20 @@ def print_table(args, ours: dict, trl: dict, mem: dict | None = None) -> None:
         f"GRPO+LoRA step, {args.prompts} prompts × {args.generations} generations, {mode} "
         f"{args.max_new_tokens} new tokens, r={args.rank} α={args.alpha}, 7 projections, fp32, CPU"
     )
-    hdr = f"{'side':<34}{'median s/step':>14}{'peak RSS GiB':>14}{'mean len':>10}{'reward':>8}"
+    hdr = f"{'side':<42}{'median s/step':>14}{'peak RSS GiB':>14}{'mean len':>10}{'reward':>8}"
     print(hdr + "\n" + "-" * len(hdr))
     gc = "grad ckpt" if args.trl_gc else "no grad ckpt"
     rows = [("lorarl_jax (jit)", ours), (f"TRL GRPOTrainer+PEFT ({gc})", trl)]
     if mem is not None:
-        rows.insert(1, (f"lorarl_jax ({MEMORY_LABELS[mem['label']]})", mem))
+        rows.insert(1, (f"lorarl_jax ({MEMORY_CONFIGS[args.memory_config][0]})", mem))
     for name, r in rows:
-        row = f"{name:<34}{statistics.median(r['step_s']):>14.2f}{r['peak_rss_gib']:>14.2f}"
+        row = f"{name:<42}{statistics.median(r['step_s']):>14.2f}{r['peak_rss_gib']:>14.2f}"
         print(row + f"{r['length']:>10.1f}{r['reward']:>8.3f}")
     print(f"speed-up TRL / ours: {t / o:.2f}x   RSS ours / TRL: "
           f"{ours['peak_rss_gib'] / trl['peak_rss_gib']:.2f}")  # fmt: skip
     if mem is not None:
-        m = statistics.median(mem["step_s"])
-        print(f"{MEMORY_LABELS[mem['label']]}: speed-up TRL / ours {t / m:.2f}x, RSS ours / TRL "
+        m, label = statistics.median(mem["step_s"]), MEMORY_CONFIGS[args.memory_config][0]
+        print(f"{label}: speed-up TRL / ours {t / m:.2f}x, RSS ours / TRL "
               f"{mem['peak_rss_gib'] / trl['peak_rss_gib']:.2f}, compile {mem['compile_s']:.1f} s, "
               "per phase " + ", ".join(f"{k.split('/')[1]} {v:.2f}"
                                        for k, v in mem["breakdown"].items()))  # fmt: skip
@@ -431,8 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours = run_side("ours", argv)  # a later --side wins
     mem = None
     if args.memory_config:
-        mem = run_side("ours", argv + MEMORY_CONFIGS[args.memory_config](args))
-        mem["label"] = args.memory_config
+        mem = run_side("ours", argv + MEMORY_CONFIGS[args.memory_config][1](args))
     trl = run_side("trl", argv)
     print_table(args, ours, trl, mem)
     return {"ours": ours, "ours_memory_config": mem, "trl": trl}
